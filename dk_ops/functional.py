@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._utils import IntPair, conv_out_size, pair
-from .reference import deform_kernel_conv2d_reference
+from . import backend as _backend
 
 __all__ = ["deform_kernel_conv2d"]
 
@@ -196,6 +196,6 @@ def deform_kernel_conv2d(
         if tuple(bias.shape) != (c_out,):
             raise ValueError(f"bias must have shape ({c_out},), got {_shape(bias)}")
 
-    return deform_kernel_conv2d_reference(
+    return _backend.dispatch(
         input, weight, kernel_offset, offset, mask, bias, kernel_size, stride, padding, dilation, groups
     )
