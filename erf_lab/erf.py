@@ -1,0 +1,652 @@
+"""The ERF engine: effective receptive fields by back-propagating a unit's activation to the image.
+
+The ERF of output unit ``u`` of layer ``L`` is ``d target / d x`` where ``target`` reduces
+``L``'s activation at ``u`` over channels; over a data set it is the mean over images of a
+per-image reduction of the input gradient over colour channels (DESIGN section 3).
+
+Speed: images are batched (eval mode keeps per-image gradients independent, so the
+gradient of the batch sum is every image's own gradient), the forward stops at ``L``, the
+parameters' gradients are never built, accumulation stays on the device in float64,
+non-finite per-image maps are skipped and counted, and when the unit provably reads only
+its theoretical receptive field (checked on the graph *and* empirically), only a
+stride-aligned crop around that field is computed.
+"""
+import copy
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distributed as _dist
+from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
+from .errors import ErfLabError
+from .metrics import erf_metrics, replknet_transform
+
+__all__ = ["compute_erf", "ERFResult", "PRESETS", "ERFOptions"]
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class ERFOptions:
+    """The named choices of an ERF protocol.
+
+    Attributes:
+        target_rectify: ``"relu"`` or None: applied to the unit's channel vector.
+        target_reduction: ``"sum"`` or ``"mean"`` over channels.
+        grad_rectify: ``"relu"``, ``"abs"``, ``"square"`` or None: per colour channel of the gradient.
+        color_reduction: ``"sum"`` or ``"mean"`` over colour channels.
+        map_rectify: ``"clamp"`` (at 0, after the colour reduction, per image) or None.
+        normalize: display transform of the aggregate: ``"log_max"`` (log10(x+1)/max),
+            ``"max"``, ``"sum"`` or None.
+    """
+
+    target_rectify: Optional[str] = "relu"
+    target_reduction: str = "sum"
+    grad_rectify: Optional[str] = "relu"
+    color_reduction: str = "sum"
+    map_rectify: Optional[str] = None
+    normalize: Optional[str] = "log_max"
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "target_rectify": (None, "relu"),
+            "target_reduction": ("sum", "mean"),
+            "grad_rectify": (None, "relu", "abs", "square"),
+            "color_reduction": ("sum", "mean"),
+            "map_rectify": (None, "clamp"),
+            "normalize": (None, "log_max", "max", "sum"),
+        }
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ErfLabError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
+
+
+PRESETS: Dict[str, ERFOptions] = {
+    # RepLKNet erf/: relu(y[:, :, u]).sum(); relu(grad) summed over colour; mean; log10(x+1)/max.
+    "replknet": ERFOptions("relu", "sum", "relu", "sum", None, "log_max"),
+    # Luo et al. 2016: gradient 1 at u on every channel, signed colour sum.
+    "luo": ERFOptions(None, "sum", None, "sum", None, "max"),
+    # OpenERF: mean over channels of the raw activation; mean over colour, clamp at 0; sum to 1.
+    "openerf": ERFOptions(None, "mean", None, "mean", "clamp", "sum"),
+}
+
+
+def _versions() -> Dict[str, str]:
+    import erf_lab
+
+    return {"erf_lab": getattr(erf_lab, "__version__", "?"), "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    return v
+
+
+def atomic_write(path: Union[str, Path], write) -> None:
+    """Calls ``write(tmp_path)`` then renames onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ERFResult:
+    """An aggregated ERF map with its metadata.
+
+    Attributes:
+        map (numpy.ndarray[float64, H, W]): mean over images of the per-image maps, before
+            any display transform.
+        n_images: images that contributed; n_skipped: images whose map was not finite.
+        meta: every option (preset, layer, unit, RF centre/box, seed, sizes, versions...).
+        image: the input image (H x W x C in [0, 1]) for an instance ERF, else None.
+    """
+
+    map: np.ndarray
+    n_images: int
+    n_skipped: int = 0
+    meta: Dict[str, Any] = field(default_factory=dict)
+    image: Optional[np.ndarray] = None
+
+    @property
+    def center(self) -> Tuple[float, float]:
+        """The unit's theoretical-RF centre (pixels), or the array centre when asked for parity."""
+        c = self.meta.get("rf_center")
+        if c is None or self.meta.get("center_mode") == "array":
+            h, w = self.map.shape
+            return float(h // 2), float(w // 2)
+        return float(c[0]), float(c[1])
+
+    def display(self, normalize: Optional[str] = _UNSET) -> np.ndarray:
+        """The map after the preset's display transform (or ``normalize``)."""
+        norm = self.meta.get("options", {}).get("normalize") if normalize is _UNSET else normalize
+        m = self.map
+        if norm == "log_max":
+            return replknet_transform(np.clip(m, 0, None))
+        if norm == "max":
+            mx = np.abs(m).max()
+            return m / mx if mx > 0 else m
+        if norm == "sum":
+            s = m.sum()
+            return m / s if s != 0 else m
+        return m
+
+    def metrics(self) -> Dict[str, Any]:
+        """Every metric of :func:`erf_lab.metrics.erf_metrics`, centred on the unit's RF centre."""
+        rf = self.meta.get("rf_size")
+        return erf_metrics(
+            self.map,
+            self.center,
+            tuple(rf) if rf is not None and None not in rf else None,
+            array_center_parity=True,
+        )
+
+    def save(self, directory: Union[str, Path], *, plot: bool = True) -> Path:
+        """Writes ``erf.npz`` (``erf``: the float64 map), ``erf.json`` (metrics, meta) and ``erf.png``
+        (plus ``erf_overlay.png`` for an instance ERF), each atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {"erf": self.map}
+        if self.image is not None:
+            arrays["image"] = self.image
+        payload = {"metrics": self.metrics(), "meta": dict(self.meta, n_images=self.n_images, n_skipped=self.n_skipped)}
+        text = json.dumps(_jsonable(payload), indent=2, allow_nan=False)
+        if plot:
+            from .heatmap import save_erf_figure
+
+            save_erf_figure(self, d / "erf.png")
+            if self.image is not None:
+                save_erf_figure(self, d / "erf_overlay.png", overlay=True)
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(d / "erf.npz", write_npz)
+        atomic_write(d / "erf.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+        return d
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "ERFResult":
+        d = Path(directory)
+        try:
+            with np.load(d / "erf.npz") as z:
+                m = np.asarray(z["erf"], dtype=np.float64)
+                image = np.asarray(z["image"]) if "image" in z.files else None
+            meta = json.loads((d / "erf.json").read_text())["meta"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ErfLabError(f"{d} does not hold a saved ERF (erf.npz + erf.json): {exc}") from exc
+        return cls(m, int(meta.pop("n_images")), int(meta.pop("n_skipped")), meta, image)
+
+    def plot(self, ax=None, **kwargs):
+        """Heatmap with colour bar, RF centre marked, theoretical RF outlined (see :mod:`erf_lab.heatmap`)."""
+        from .heatmap import plot_erf
+
+        return plot_erf(self, ax=ax, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class _Source:
+    """Indexable images from a tensor, a Dataset of dicts / tensors / (image, label) tuples."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        if isinstance(data, Tensor):
+            if data.dim() == 3:
+                self.data = data.unsqueeze(0)
+            elif data.dim() != 4:
+                raise ErfLabError(f"an image tensor must be (C,H,W) or (N,C,H,W), got shape {list(data.shape)}")
+        elif not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            raise ErfLabError(f"data must be a tensor or a Dataset, got {type(data).__name__}")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def image(self, i: int) -> Tensor:
+        item = self.data[i]
+        if isinstance(item, dict):
+            item = item["image"]
+        elif isinstance(item, (tuple, list)):
+            item = item[0]
+        if not isinstance(item, Tensor):
+            item = torch.as_tensor(np.asarray(item))
+        if item.dim() != 3:
+            raise ErfLabError(f"item {i} is not an image tensor (C,H,W): shape {list(item.shape)}")
+        return item
+
+    def labels(self) -> np.ndarray:
+        if hasattr(self.data, "labels"):
+            return np.asarray(self.data.labels)
+        out = []
+        for i in range(len(self)):
+            item = self.data[i]
+            out.append(item["label"] if isinstance(item, dict) else item[1] if isinstance(item, (tuple, list)) else -1)
+        return np.asarray([int(v) for v in out])
+
+
+def _select(source: _Source, num_images: Optional[int], sampling: str, seed: int) -> List[int]:
+    n = len(source)
+    if n == 0:
+        raise ErfLabError("the data set is empty")
+    k = n if num_images is None else min(int(num_images), n)
+    g = torch.Generator().manual_seed(int(seed))
+    if sampling == "random":
+        return torch.randperm(n, generator=g)[:k].tolist()
+    if sampling == "stratified":
+        labels = source.labels()
+        classes = sorted(set(labels.tolist()))
+        queues = {c: [i for i in torch.randperm(n, generator=g).tolist() if labels[i] == c] for c in classes}
+        out: List[int] = []
+        while len(out) < k:
+            for c in classes:
+                if queues[c] and len(out) < k:
+                    out.append(queues[c].pop(0))
+        return out
+    if sampling == "first":
+        return list(range(k))
+    raise ErfLabError(f"sampling must be 'random' or 'stratified', got {sampling!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+
+@dataclass
+class _Geometry:
+    layout: str
+    grid: Tuple[int, int]
+    prefix: int
+    units: List[Tuple[int, int]]
+    centers: List[Tuple[float, float]]
+    rf_size: Optional[Tuple[float, float]]
+    local: bool
+    rf_note: str
+    jump: Tuple[float, float]
+
+
+def _nearest(c0: float, jump: float, n: int, target: float) -> int:
+    i = (target - c0) / jump
+    lo = min(max(int(math.floor(i)), 0), n - 1)
+    hi = min(lo + 1, n - 1)
+    return lo if abs(c0 + lo * jump - target) <= abs(c0 + hi * jump - target) else hi
+
+
+def _geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: Tensor) -> _Geometry:
+    """Layer grid, units and their RF centres (theoretical RF when the graph can be traced)."""
+    from .rf import trace_rf
+
+    c, h, w = x0.shape
+    get_layer(model, layer)  # a clear error for a wrong name before anything runs
+    rf, note = None, ""
+    if layout in ("auto", "nchw"):
+        try:
+            rf = trace_rf(model, (c, h, w)).of(layer, output_index)
+        except ErfLabError as exc:
+            note = str(exc)
+    if rf is not None and rf.spatial:  # the traced shapes give the grid without running the model
+        layout, grid, prefix = "nchw", tuple(rf.shape[1:]), 0
+    else:
+        rf = None
+        with torch.no_grad():
+            y = select_output(run_to_layer(model, x0.unsqueeze(0), get_layer(model, layer)), output_index)
+        layout, grid, prefix = grid_of(y, layout, (h, w), prefix_tokens)
+    if rf is not None:
+        cy0, cx0, jy, jx = rf.y.center0, rf.x.center0, rf.y.jump, rf.x.jump
+        size = (rf.y.size, rf.x.size)
+        local = rf.local()
+    else:  # geometric fallback: cells tile the image evenly
+        jy, jx = h / grid[0], w / grid[1]
+        cy0, cx0 = (jy - 1) / 2, (jx - 1) / 2
+        size, local = None, False
+        note = note or f"no theoretical RF for layout {layout}"
+    if isinstance(units_arg, str):
+        if units_arg != "center":
+            raise ErfLabError(f"unit must be 'center' or (y, x), got {units_arg!r}")
+        units = [(_nearest(cy0, jy, grid[0], (h - 1) / 2), _nearest(cx0, jx, grid[1], (w - 1) / 2))]
+    else:
+        seq = list(units_arg)
+        units = [tuple(int(v) for v in u) for u in (seq if seq and isinstance(seq[0], (tuple, list)) else [seq])]
+    for u in units:
+        if len(u) != 2 or not (0 <= u[0] < grid[0] and 0 <= u[1] < grid[1]):
+            raise ErfLabError(f"unit {u} is outside the layer's {grid[0]}x{grid[1]} grid")
+    centers = [(cy0 + u[0] * jy, cx0 + u[1] * jx) for u in units]
+    return _Geometry(layout, grid, prefix, units, centers, size, local, note, (jy, jx))
+
+
+def _crop_window(geo: _Geometry, hw: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:
+    """Stride-aligned (y0, x0, y1, x1) crop holding every unit's field, or None when it saves nothing."""
+    if not geo.local or geo.rf_size is None:
+        return None
+    jy, jx = geo.jump
+    if jy != int(jy) or jx != int(jx):
+        return None
+    jy, jx = int(jy), int(jx)
+    box = []
+    y0 = min(c[0] - (geo.rf_size[0] - 1) / 2 for c in geo.centers)
+    y1 = max(c[0] + (geo.rf_size[0] - 1) / 2 for c in geo.centers)
+    x0 = min(c[1] - (geo.rf_size[1] - 1) / 2 for c in geo.centers)
+    x1 = max(c[1] + (geo.rf_size[1] - 1) / 2 for c in geo.centers)
+    h, w = hw
+    for lo, hi, n, j in ((y0, y1, h, jy), (x0, x1, w, jx)):
+        a = max(0, int(math.floor(lo)) // j * j)
+        b = min(n, a + math.ceil((min(n - 1, math.ceil(hi)) + 1 - a) / j) * j)
+        box.append((a, b))
+    (ya, yb), (xa, xb) = box
+    if (yb - ya) * (xb - xa) >= 0.6 * h * w:  # too little to gain for the check it costs
+        return None
+    return ya, xa, yb, xb
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+class _Engine:
+    def __init__(self, model, layer, output_index, geo: _Geometry, opts: ERFOptions, stop: bool) -> None:
+        self.model, self.layer_name, self.output_index = model, layer, output_index
+        self.layer = get_layer(model, layer)
+        self.geo, self.opts, self.stop = geo, opts, stop
+
+    def target_vectors(self, out: Any, units: List[Tuple[int, int]]) -> Tensor:
+        y = select_output(out, self.output_index)
+        v = unit_activation(y, self.geo.layout, units, self.geo.grid[1], self.geo.prefix)
+        if self.opts.target_rectify == "relu":
+            v = F.relu(v)
+        return v.sum(1) if self.opts.target_reduction == "sum" else v.mean(1)
+
+    def per_image(self, g: Tensor) -> Tensor:
+        """(N, C, H, W) gradients -> (N, H, W) float64 maps."""
+        g = g.double()
+        r = self.opts.grad_rectify
+        g = F.relu(g) if r == "relu" else g.abs() if r == "abs" else g * g if r == "square" else g
+        m = g.sum(1) if self.opts.color_reduction == "sum" else g.mean(1)
+        return m.clamp(min=0) if self.opts.map_rectify == "clamp" else m
+
+    def gradients(self, x: Tensor, units: List[Tuple[int, int]]) -> Tensor:
+        """Input gradients of a (B, C, H, W) batch for every unit: (B, U, C, H, W)."""
+        b, n_u = x.shape[0], len(units)
+        xr = x.repeat_interleave(n_u, dim=0) if n_u > 1 else x
+        xr = xr.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = run_to_layer(self.model, xr, self.layer, stop=self.stop)
+            t = self.target_vectors(out, units).sum()
+            (g,) = torch.autograd.grad(t, xr)
+        return g.view(b, n_u, *x.shape[1:])
+
+    def captum_gradients(self, x: Tensor, units: List[Tuple[int, int]]) -> Tensor:
+        from captum.attr import NeuronGradient
+
+        ng = NeuronGradient(self.model, self.layer)
+        outs = []
+        for u in units:
+            outs.append(ng.attribute(x.detach().clone(), neuron_selector=lambda o, u=u: self.target_vectors(o, [u])))
+        return torch.stack(outs, 1)
+
+
+def _check_locality(engine: _Engine, x0: Tensor, crop: Tuple[int, int, int, int], seed: int) -> bool:
+    """Empirical check that the units see nothing outside ``crop``: their activations on the crop
+    equal those on a larger canvas whose extra border is noise (interior sides only)."""
+    ya, xa, yb, xb = crop
+    h, w = x0.shape[-2:]
+    jy, jx = (int(v) for v in engine.geo.jump)
+    my = max(jy, 8 // jy * jy)
+    mx = max(jx, 8 // jx * jx)
+    pt, pb = (my if ya >= my else 0), (my if yb + my <= h else 0)
+    pl, pr = (mx if xa >= mx else 0), (mx if xb + mx <= w else 0)
+    if pt + pb + pl + pr == 0:
+        return False
+    g = torch.Generator().manual_seed(seed)
+    canvas = x0[:, ya - pt : yb + pb, xa - pl : xb + pr].clone()
+    noise = 3 * torch.randn(canvas.shape, generator=g).to(canvas)
+    inner = torch.zeros_like(canvas, dtype=torch.bool)
+    inner[:, pt : pt + yb - ya, pl : pl + xb - xa] = True
+    canvas = torch.where(inner, canvas, noise)
+    units_c = [(u[0] - ya // jy, u[1] - xa // jx) for u in engine.geo.units]
+    units_v = [(u[0] + pt // jy, u[1] + pl // jx) for u in units_c]
+    with torch.no_grad():
+        try:
+            a = engine.target_vectors(run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb], engine.layer), units_c)
+            b = engine.target_vectors(run_to_layer(engine.model, canvas[None], engine.layer), units_v)
+        except (IndexError, RuntimeError, ErfLabError):
+            return False
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
+    return bool((a - b).abs().max() <= 1e-4 * scale)
+
+
+def compute_erf(
+    model: nn.Module,
+    data: Any,
+    *,
+    layer: Optional[str] = None,
+    unit: Union[str, Sequence[int], Sequence[Sequence[int]]] = "center",
+    preset: str = "replknet",
+    target_rectify: Optional[str] = _UNSET,
+    target_reduction: Optional[str] = _UNSET,
+    grad_rectify: Optional[str] = _UNSET,
+    color_reduction: Optional[str] = _UNSET,
+    map_rectify: Optional[str] = _UNSET,
+    normalize: Optional[str] = _UNSET,
+    output_index: Union[int, str, None] = None,
+    layout: str = "auto",
+    prefix_tokens: Optional[int] = None,
+    num_images: Optional[int] = None,
+    sampling: str = "random",
+    seed: int = 0,
+    batch_size: int = 8,
+    device: Union[str, torch.device, None] = None,
+    image_size: Union[int, Tuple[int, int], None] = None,
+    center: str = "rf",
+    crop: Union[bool, str] = "auto",
+    stop_at_layer: bool = True,
+    channels_last: bool = False,
+    backend: str = "engine",
+    progress: bool = True,
+    distributed: Optional[bool] = None,
+) -> Union[ERFResult, List[ERFResult]]:
+    """Effective receptive field of ``unit`` of ``layer``, aggregated over ``data``.
+
+    Args:
+        model: any ``nn.Module`` taking (N, C, H, W) images; run in eval mode (restored after).
+        data: a Tensor[N, C, H, W] / Tensor[C, H, W], or a Dataset of dicts with ``"image"``,
+            of image tensors or of ``(image, label)`` tuples. Images are used as given
+            (already normalised), resized with bicubic interpolation to ``image_size`` if set.
+        layer: a name from ``model.named_modules()``; None is the model output.
+        unit: ``"center"`` (the cell whose theoretical RF is centred nearest the image centre),
+            ``(y, x)``, or a list of such pairs (all in one pass; a list of results is returned).
+        preset: ``"replknet"``, ``"luo"`` or ``"openerf"`` (:data:`PRESETS`); the other option
+            arguments (:class:`ERFOptions`) override single choices of the preset.
+        output_index: element of a tuple/dict layer output.
+        layout: ``"auto"`` (4-D NCHW, 3-D tokens), ``"nchw"``, ``"nhwc"`` or ``"tokens"``;
+            ``prefix_tokens``: class/register tokens before the grid (guessed when None).
+        num_images, sampling, seed: ``num_images`` images drawn with ``seed``, uniformly
+            (``"random"``) or round-robin over labels (``"stratified"``).
+        batch_size, device: images per backward pass and the device (default: the model's).
+        center: ``"rf"`` (metrics centred on the unit's RF centre) or ``"array"`` (RepLKNet parity).
+        crop: ``"auto"``: compute only a stride-aligned crop around the unit's field when the
+            unit provably (graph + empirical check) sees nothing else; False: always the full image.
+        stop_at_layer: end the forward at ``layer``.
+        channels_last: run in channels-last memory format.
+        backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
+        progress: tqdm bar (on rank 0).
+        distributed: shard images over a torch.distributed group and all-reduce (default: when
+            a group is initialised, e.g. under torchrun).
+
+    Returns:
+        an :class:`ERFResult` (a list of them for several units).
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+        >>> r = compute_erf(net, torch.randn(4, 3, 16, 16), progress=False)
+        >>> r.map.shape, r.n_images
+        ((16, 16), 4)
+    """
+    if preset not in PRESETS:
+        raise ErfLabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    overrides = {k: v for k, v in dict(
+        target_rectify=target_rectify, target_reduction=target_reduction, grad_rectify=grad_rectify,
+        color_reduction=color_reduction, map_rectify=map_rectify, normalize=normalize).items() if v is not _UNSET}
+    opts = ERFOptions(**{**base.__dict__, **overrides})
+    if backend not in ("engine", "captum"):
+        raise ErfLabError(f"backend must be 'engine' or 'captum', got {backend!r}")
+    if center not in ("rf", "array"):
+        raise ErfLabError(f"center must be 'rf' or 'array', got {center!r}")
+    if batch_size < 1:
+        raise ErfLabError(f"batch_size must be >= 1, got {batch_size}")
+    source = _Source(data)
+    indices = _select(source, num_images, sampling, seed)
+    use_dist = _dist.is_active() if distributed is None else bool(distributed and _dist.is_active())
+    my_indices = indices[_dist.rank_world()[0] :: _dist.rank_world()[1]] if use_dist else indices
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    size = None if image_size is None else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+
+    def load(ids: Sequence[int]) -> Tensor:
+        imgs = [source.image(i).float() for i in ids]
+        shapes = {tuple(t.shape) for t in imgs}
+        if size is None and len(shapes) > 1:
+            raise ErfLabError(f"images differ in size {sorted(shapes)}; pass image_size to resize them")
+        x = torch.stack([t if size is None or tuple(t.shape[-2:]) == size else
+                         F.interpolate(t[None], size=size, mode="bicubic", align_corners=False)[0] for t in imgs])
+        return x.to(device)
+
+    was_training = model.training
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        x_first = load(indices[:1])
+        hw = tuple(x_first.shape[-2:])
+        geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
+        engine = _Engine(model, layer, output_index, geo, opts, stop_at_layer)
+        window = None
+        locality = "not needed" if backend == "engine" else "captum backend: full image"
+        if backend == "engine" and crop and geo.layout == "nchw":
+            window = _crop_window(geo, hw)
+            if window is None:
+                locality = "field covers the image" if geo.local else "not provably local: " + (geo.rf_note or "graph has global or unbounded dependence")
+            elif not _check_locality(engine, x_first[0], window, seed):
+                locality, window = "empirical locality check failed: full image", None
+            else:
+                locality = "verified (graph and empirical check)"
+        if window is not None:
+            ya, xa, yb, xb = window
+            jy, jx = (int(v) for v in geo.jump)
+            units_run = [(u[0] - ya // jy, u[1] - xa // jx) for u in geo.units]
+        else:
+            units_run = geo.units
+        n_u = len(geo.units)
+        acc = torch.zeros(n_u, *hw, dtype=torch.float64, device=device)
+        counts = torch.zeros(2, dtype=torch.float64, device=device)  # used, skipped
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(my_indices), desc="ERF", unit="img",
+                   disable=not progress or not _dist.is_main())
+        for s in range(0, len(my_indices), batch_size):
+            x = load(my_indices[s : s + batch_size])
+            if window is not None:
+                x = x[:, :, ya:yb, xa:xb]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if backend == "engine":
+                g = engine.gradients(x, units_run)
+            else:
+                g = engine.captum_gradients(x, units_run)
+            b = g.shape[0]
+            maps = engine.per_image(g.flatten(0, 1)).view(b, n_u, *g.shape[-2:])
+            ok = torch.isfinite(maps).flatten(2).all(2).all(1)  # (B,)
+            maps = torch.where(ok.view(b, 1, 1, 1), maps, torch.zeros((), dtype=maps.dtype, device=device))
+            if window is not None:
+                acc[:, ya:yb, xa:xb] += maps.sum(0)
+            else:
+                acc += maps.sum(0)
+            counts[0] += ok.sum()
+            counts[1] += (~ok).sum()
+            bar.update(b)
+        bar.close()
+        if use_dist:
+            _dist.all_reduce_sum(acc)
+            _dist.all_reduce_sum(counts)
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads_before.get(n, True))
+        model.train(was_training)
+    used, skipped = int(counts[0]), int(counts[1])
+    mean = (acc / max(used, 1)).cpu().numpy()
+    results = []
+    for k, (u, c) in enumerate(zip(geo.units, geo.centers)):
+        meta = {
+            "preset": preset,
+            "options": dict(opts.__dict__),
+            "layer": layer or "",
+            "output_index": output_index,
+            "layout": geo.layout,
+            "grid": list(geo.grid),
+            "prefix_tokens": geo.prefix,
+            "unit": list(u),
+            "rf_center": [c[0], c[1]],
+            "rf_size": None if geo.rf_size is None else [geo.rf_size[0], geo.rf_size[1]],
+            "rf_stride": list(geo.jump),
+            "rf_note": geo.rf_note,
+            "center_mode": center,
+            "image_size": list(hw),
+            "num_images_requested": num_images,
+            "sampling": sampling,
+            "seed": seed,
+            "batch_size": batch_size,
+            "device": str(device),
+            "backend": backend,
+            "crop": list(window) if window is not None else None,
+            "locality": locality,
+            "world_size": _dist.rank_world()[1] if use_dist else 1,
+            "versions": _versions(),
+        }
+        results.append(ERFResult(mean[k], used, skipped, meta))
+    return results[0] if isinstance(unit, str) or (unit and not isinstance(list(unit)[0], (tuple, list))) else results
+
+
+def instance_erf(model: nn.Module, image: Tensor, *, display_image: Optional[np.ndarray] = None, **kwargs) -> ERFResult:
+    """ERF of one image (C, H, W); ``display_image`` (H x W x C in [0, 1]) is kept for the overlay."""
+    r = compute_erf(model, image[None] if image.dim() == 3 else image, progress=False, **kwargs)
+    r.image = display_image
+    r.meta["instance"] = True
+    return r

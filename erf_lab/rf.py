@@ -1,0 +1,422 @@
+"""Theoretical receptive fields (TRF) of every layer of a network, for arbitrary graphs.
+
+The model is traced with :mod:`torch.fx` (every ``torch.nn`` layer and every ``dk_ops``
+module is one leaf), shapes are propagated with a dummy input, and the receptive field
+is pushed through the graph node by node, so residual branches, concatenations and
+other merges are handled by the graph rather than by execution order. Per axis a
+tensor's field is ``(size, jump, centre of unit 0)`` in input pixels (pixel centres at
+integer coordinates, the image spanning ``[-0.5, H - 0.5]``):
+
+* a window op (conv, pooling, DK) with kernel ``k``, stride ``s``, padding ``p`` and
+  dilation ``d``: ``size += (k - 1) d jump``, ``centre += ((k - 1) d / 2 - p) jump``,
+  ``jump *= s``;
+* a merge (``+``, ``*``, ``cat``): the union of the inputs' fields, with an alignment
+  check (equal jumps and centres); a misaligned merge is reported, not hidden;
+* DK layers (``DeformKernel2d``, ``GlobalDeformKernel2d``) act as a ``k x k`` window:
+  kernel offsets move where the *kernel* is sampled, never where the *image* is read;
+* DCN layers (``DeformConv2d``) read the image at learnt offsets: unbounded, or widened by
+  ``ceil(offset_clip)`` pixels per side when clipped; ``DeformKernelConv2d`` likewise;
+* global pooling, ``Linear`` after a flatten, attention, routing of CondConv and global DK
+  (global average pool) make the output depend on the whole image: ``global = True``.
+"""
+import math
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ErfLabError
+
+__all__ = ["AxisRF", "LayerRF", "theoretical_rf", "trace_rf"]
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class AxisRF:
+    """Receptive field along one axis: ``size`` and ``jump`` in input pixels, ``center0`` of unit 0."""
+
+    size: float = 1.0
+    jump: float = 1.0
+    center0: float = 0.0
+
+    def center(self, i: float) -> float:
+        return self.center0 + i * self.jump
+
+    def window(self, k: int, s: int, p: int, d: int = 1) -> "AxisRF":
+        return AxisRF(self.size + (k - 1) * d * self.jump, self.jump * s, self.center0 + ((k - 1) * d / 2 - p) * self.jump)
+
+
+@dataclass(frozen=True)
+class LayerRF:
+    """Receptive field of one tensor of the traced graph (both axes plus flags)."""
+
+    y: AxisRF = AxisRF()
+    x: AxisRF = AxisRF()
+    shape: Optional[Tuple[int, ...]] = None  # (C, H, W) for spatial tensors
+    global_: bool = False  # depends on the whole image (global pooling, routing, attention...)
+    aligned: bool = True
+    notes: Tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def unbounded(self) -> bool:
+        return math.isinf(self.y.size) or math.isinf(self.x.size)
+
+    @property
+    def spatial(self) -> bool:
+        return self.shape is not None and len(self.shape) == 3
+
+    def center(self, unit: Tuple[float, float]) -> Tuple[float, float]:
+        """Input-pixel centre of the field of output cell ``unit = (i, j)``."""
+        return self.y.center(unit[0]), self.x.center(unit[1])
+
+    def box(self, unit: Tuple[float, float]) -> Tuple[float, float, float, float]:
+        """``(y0, x0, y1, x1)``: the first and last input pixel of the field of ``unit`` (inclusive)."""
+        cy, cx = self.center(unit)
+        hy, hx = (self.y.size - 1) / 2, (self.x.size - 1) / 2
+        return cy - hy, cx - hx, cy + hy, cx + hx
+
+    def local(self) -> bool:
+        """True when a unit provably reads only its bounded field (the crop optimisation's condition)."""
+        return self.spatial and not self.global_ and not self.unbounded and self.aligned
+
+
+def _leaf_types() -> Tuple[type, ...]:
+    try:
+        from dk_ops import modules as dkm
+
+        return (dkm.GlobalDeformKernel2d, dkm.DeformKernel2d, dkm.DeformKernelConv2d, dkm.DeformConv2d, dkm.CondConv2d)
+    except Exception:  # pragma: no cover - dk_ops always ships with erf_lab
+        return ()
+
+
+class _Tracer(fx.Tracer):
+    """Traces with ``dk_ops`` modules as leaves and records every module's output node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaves = _leaf_types()
+        self.module_outputs: Dict[str, Any] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        self.module_outputs[self.path_of_module(m)] = out
+        return out
+
+
+def _pair(v: Any) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, (int, float)) else (v[0], v[1])
+
+
+def _window(rf: LayerRF, k, s, p, d=1) -> LayerRF:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(k), _pair(s), _pair(p), _pair(d)
+    return replace(rf, y=rf.y.window(kh, sh, ph, dh), x=rf.x.window(kw, sw, pw, dw))
+
+
+def _union(rfs: Sequence[LayerRF]) -> LayerRF:
+    rfs = [r for r in rfs if r is not None]
+    spatial = [r for r in rfs if r.spatial and r.shape[1:] != (1, 1)]
+    glob = any(r.global_ for r in rfs) or any(not r.spatial or r.shape[1:] == (1, 1) for r in rfs)
+    if not spatial:
+        return replace(rfs[0], global_=True)
+    notes: List[str] = sum((list(r.notes) for r in rfs), [])
+    aligned = all(r.aligned for r in rfs)
+
+    def axis(axes: List[AxisRF]) -> Tuple[AxisRF, bool]:
+        lo = min(a.center0 - (a.size - 1) / 2 for a in axes)
+        hi = max(a.center0 + (a.size - 1) / 2 for a in axes)
+        same = all(a.jump == axes[0].jump and a.center0 == axes[0].center0 for a in axes)
+        if any(math.isinf(a.size) for a in axes):
+            return AxisRF(INF, axes[0].jump, axes[0].center0), same
+        return AxisRF(hi - lo + 1, max(a.jump for a in axes), (lo + hi) / 2), same
+
+    ay, oky = axis([r.y for r in spatial])
+    ax, okx = axis([r.x for r in spatial])
+    if not (oky and okx):
+        aligned = False
+        notes.append("merge of misaligned fields")
+    return LayerRF(ay, ax, spatial[0].shape, glob, aligned, tuple(dict.fromkeys(notes)))
+
+
+def _as_global(rf: LayerRF, note: str) -> LayerRF:
+    return replace(rf, global_=True, notes=tuple(dict.fromkeys(rf.notes + (note,))))
+
+
+_WINDOW_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+_POOL_FUNCS = {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, torch._C._nn.avg_pool2d}
+_CONV_FUNCS = {F.conv2d, torch.conv2d}
+_ADAPTIVE_FUNCS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch._C._nn.adaptive_avg_pool2d}
+
+
+def _adaptive(rf: LayerRF, in_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> LayerRF:
+    if tuple(out_hw) == (1, 1):
+        return _as_global(rf, "global pooling")
+    out = rf
+    for axis, n_in, n_out in (("y", in_hw[0], out_hw[0]), ("x", in_hw[1], out_hw[1])):
+        a: AxisRF = getattr(out, axis)
+        if n_in % n_out == 0:
+            k = n_in // n_out
+            a = a.window(k, k, 0)
+        else:  # uneven windows: report the widest one and flag the irregular grid
+            k = max(math.ceil((i + 1) * n_in / n_out) - (i * n_in) // n_out for i in range(n_out))
+            a = AxisRF(a.size + (k - 1) * a.jump, a.jump * n_in / n_out, a.center0 + (k - 1) / 2 * a.jump)
+            out = replace(out, aligned=False, notes=out.notes + ("adaptive pooling with uneven windows",))
+        out = replace(out, **{axis: a})
+    return out
+
+
+def _module_rule(m: nn.Module, rf: LayerRF, in_hw, out_hw) -> Tuple[LayerRF, bool]:
+    """(field after module ``m``, handled?)."""
+    from dk_ops import modules as dkm
+
+    if isinstance(m, (dkm.DeformConv2d, dkm.DeformKernelConv2d)):
+        out = _window(rf, m.kernel_size, m.stride, m.padding, m.dilation)
+        clip = getattr(m, "offset_clip", None) if isinstance(m, dkm.DeformConv2d) else None
+        if clip is None:
+            y, x = replace(out.y, size=INF), replace(out.x, size=INF)
+            note = f"{type(m).__name__}: image offsets unbounded"
+        else:
+            c = math.ceil(clip)
+            y, x = replace(out.y, size=out.y.size + 2 * c * rf.y.jump), replace(out.x, size=out.x.size + 2 * c * rf.x.jump)
+            note = f"DeformConv2d: offsets clipped to {clip} px"
+        return replace(out, y=y, x=x, notes=out.notes + (note,)), True
+    if isinstance(m, (dkm.GlobalDeformKernel2d, dkm.CondConv2d)):
+        out = _window(rf, m.kernel_size, m.stride, m.padding, m.dilation)
+        return _as_global(out, f"{type(m).__name__}: routing by global pooling"), True
+    if isinstance(m, dkm.DeformKernel2d):
+        return _window(rf, m.kernel_size, m.stride, m.padding, m.dilation), True
+    if isinstance(m, nn.Conv2d):
+        if isinstance(m.padding, str):  # "same" / "valid"
+            k, d = _pair(m.kernel_size), _pair(m.dilation)
+            pad = tuple(d[i] * (k[i] - 1) // 2 for i in range(2)) if m.padding == "same" else (0, 0)
+            return _window(rf, m.kernel_size, m.stride, pad, m.dilation), True
+        return _window(rf, m.kernel_size, m.stride, m.padding, m.dilation), True
+    if isinstance(m, nn.MaxPool2d):
+        return _window(rf, m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation), True
+    if isinstance(m, nn.AvgPool2d):
+        return _window(rf, m.kernel_size, m.stride or m.kernel_size, m.padding), True
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and out_hw is not None:
+        return _adaptive(rf, in_hw, out_hw), True
+    if isinstance(m, (nn.Linear, nn.MultiheadAttention)) or "Attention" in type(m).__name__:
+        return _as_global(rf, f"{type(m).__name__} mixes all positions"), True
+    return rf, False
+
+
+def _spatial_shape(node: fx.Node) -> Optional[Tuple[int, int, int]]:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    shape = tuple(meta.shape)
+    return tuple(int(s) for s in shape[1:]) if len(shape) == 4 else None
+
+
+def _is_tensor_node(node: Any) -> bool:
+    return isinstance(node, fx.Node) and hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+class _RFGraph:
+    """A traced model with the receptive field of every tensor node."""
+
+    def __init__(self, model: nn.Module, input_size: Tuple[int, int, int]) -> None:
+        tracer = _Tracer()
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means "cannot analyse"
+            raise ErfLabError(
+                f"cannot trace {type(model).__name__} with torch.fx for the theoretical receptive field "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        self.gm = fx.GraphModule(model, graph)
+        self.module_outputs = tracer.module_outputs
+        self.input_size = tuple(int(v) for v in input_size)
+        self._propagate_shapes()
+        self.rf: Dict[fx.Node, LayerRF] = {}
+        self._propagate_rf()
+
+    def _propagate_shapes(self) -> None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        example = torch.zeros(1, *self.input_size)
+        try:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                fake = mode.from_tensor(example)
+            ShapeProp(self.gm, fake_mode=mode).propagate(fake)
+            return
+        except Exception:  # noqa: BLE001 - fake tensors do not cover every op; use a real pass
+            pass
+        with torch.no_grad():
+            was = self.gm.training
+            self.gm.eval()
+            try:
+                ShapeProp(self.gm).propagate(example)
+            except Exception as exc:  # noqa: BLE001
+                raise ErfLabError(
+                    f"the model does not run on an input of size {list(self.input_size)}: {exc}".splitlines()[0]
+                ) from exc
+            finally:
+                self.gm.train(was)
+
+    def _propagate_rf(self) -> None:
+        modules = dict(self.gm.named_modules())
+        for node in self.gm.graph.nodes:
+            shape = _spatial_shape(node)
+            ins = [a for a in node.all_input_nodes if a in self.rf]
+            if node.op == "placeholder":
+                if not self.rf:
+                    self.rf[node] = LayerRF(shape=shape)
+                continue
+            if node.op == "output" or not ins:
+                if node.op != "output" and _is_tensor_node(node):
+                    self.rf[node] = None  # constants: no field
+                continue
+            ins = [a for a in ins if self.rf[a] is not None]
+            if not ins:
+                self.rf[node] = None
+                continue
+            first = self.rf[ins[0]]
+            in_hw = first.shape[1:] if first.spatial else None
+            out_hw = shape[1:] if shape else None
+            handled = False
+            out = first
+            if node.op == "call_module":
+                out, handled = _module_rule(modules[node.target], first, in_hw, out_hw)
+            elif node.op == "call_function" and node.target in _CONV_FUNCS:
+                a = list(node.args) + [None] * 7
+                kw = node.kwargs
+                w = _spatial_shape(node.args[1])
+                k = w[1:] if w else (1, 1)
+                out = _window(first, k, kw.get("stride", a[3] or 1), kw.get("padding", a[4] or 0), kw.get("dilation", a[5] or 1))
+                handled = True
+            elif node.op == "call_function" and node.target in _POOL_FUNCS:
+                a = list(node.args) + [None] * 5
+                kw = node.kwargs
+                k = kw.get("kernel_size", a[1])
+                out = _window(first, k, kw.get("stride", a[2]) or k, kw.get("padding", a[3] or 0))
+                handled = True
+            elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCS and out_hw is not None:
+                out, handled = _adaptive(first, in_hw, out_hw), True
+            elif len(ins) > 1:
+                out, handled = _union([self.rf[a] for a in ins]), True
+            if not handled:
+                # A single-input op: pointwise if it keeps the spatial grid, otherwise unknown.
+                if shape is not None and first.spatial and shape[1:] == first.shape[1:]:
+                    out = first
+                elif node.op == "call_function" and node.target is operator.getitem:
+                    out = first
+                elif shape is None and not _is_tensor_node(node):
+                    self.rf[node] = None if node.op != "call_function" or node.target is not operator.getitem else first
+                    continue
+                else:
+                    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+                    out = _as_global(first, f"{name} changes the spatial grid")
+            if shape is not None:
+                out = replace(out, shape=shape)
+            elif _is_tensor_node(node):
+                out = replace(out, shape=tuple(node.meta["tensor_meta"].shape[1:]))
+                if not out.global_ and len(out.shape) != 3:
+                    out = _as_global(out, "no spatial axes")
+            self.rf[node] = out
+
+    def of(self, layer: Optional[str] = None, index: Union[int, str, None] = None) -> LayerRF:
+        """Field of ``layer``'s output (the model output when None), element ``index`` of a tuple/dict."""
+        if layer in (None, ""):
+            out = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
+        else:
+            if layer not in self.module_outputs:
+                raise ErfLabError(f"no layer named {layer!r} in the traced graph")
+            out = self.module_outputs[layer]
+        if isinstance(out, (tuple, list, dict)):
+            if index is None:
+                index = 0 if not isinstance(out, dict) else next(iter(out))
+            out = out[index]
+        node = out.node if isinstance(out, fx.Proxy) else out
+        rf = self.rf.get(node)
+        if rf is None:
+            raise ErfLabError(f"layer {layer!r} has no receptive field (its output is not computed from the image)")
+        return rf
+
+
+def trace_rf(model: nn.Module, input_size: Sequence[int]) -> _RFGraph:
+    """Traces ``model`` and returns the per-node receptive fields (``.of(layer)`` gives one layer's)."""
+    return _RFGraph(model, tuple(input_size))
+
+
+def _fmt(v: float) -> float:
+    return float(v)
+
+
+def theoretical_rf(model: nn.Module, input_size: Sequence[int]) -> "pandas.DataFrame":  # noqa: F821
+    """Theoretical receptive field of every layer of ``model`` for one input size.
+
+    Args:
+        model: any traceable ``nn.Module`` (``torch.fx``; ``dk_ops`` modules are leaves).
+        input_size: ``(C, H, W)`` or ``(H, W)`` (3 channels assumed).
+
+    Returns:
+        a DataFrame with one row per module (execution order) plus ``(output)``: ``layer``,
+        ``type``, ``shape`` (C, H, W of the output), ``rf_y``/``rf_x`` (size in input pixels,
+        ``inf`` when unbounded), ``stride_y``/``stride_x`` (effective stride), ``pad_y``/``pad_x``
+        (effective padding: how far the field of unit 0 starts before pixel 0),
+        ``center0_y``/``center0_x`` (input-pixel centre of unit 0), ``global``, ``aligned``
+        and ``notes``.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2))
+        >>> theoretical_rf(net, (3, 32, 32)).loc[:, ["layer", "rf_y", "stride_y"]].values.tolist()
+        [['0', 3.0, 1.0], ['1', 5.0, 2.0], ['(output)', 5.0, 2.0]]
+    """
+    import pandas as pd
+
+    input_size = tuple(int(v) for v in input_size)
+    if len(input_size) == 2:
+        input_size = (3,) + input_size
+    g = trace_rf(model, input_size)
+    modules = dict(model.named_modules())
+    rows = []
+    order = {n: i for i, n in enumerate(g.gm.graph.nodes)}
+    names = sorted(g.module_outputs, key=lambda n: _order(order, g.module_outputs[n]))
+    for name in names + ["(output)"]:
+        try:
+            rf = g.of(None if name == "(output)" else name)
+        except ErfLabError:
+            continue
+        kind = "" if name == "(output)" else type(modules[name]).__name__
+        rows.append(
+            {
+                "layer": name,
+                "type": kind,
+                "shape": tuple(rf.shape) if rf.shape is not None else None,
+                "rf_y": _fmt(rf.y.size),
+                "rf_x": _fmt(rf.x.size),
+                "stride_y": _fmt(rf.y.jump),
+                "stride_x": _fmt(rf.x.jump),
+                "pad_y": _fmt((rf.y.size - 1) / 2 - rf.y.center0),
+                "pad_x": _fmt((rf.x.size - 1) / 2 - rf.x.center0),
+                "center0_y": _fmt(rf.y.center0),
+                "center0_x": _fmt(rf.x.center0),
+                "global": rf.global_,
+                "aligned": rf.aligned,
+                "notes": "; ".join(rf.notes),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _order(order: Dict[fx.Node, int], out: Any) -> int:
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    elif isinstance(out, dict):
+        out = next(iter(out.values()), None)
+    node = out.node if isinstance(out, fx.Proxy) else out
+    return order.get(node, len(order))
