@@ -14,9 +14,6 @@ EXIT_USAGE = 2
 # Subcommands not built yet: (name, one-line help). Each section below removes its
 # names from here when it registers the real subcommand.
 _PLANNED = {
-    "erf": "effective receptive field of a model (not implemented yet)",
-    "rf": "theoretical receptive field of every layer (not implemented yet)",
-    "layers": "list a model's layers with output shapes (not implemented yet)",
     "train": "train a study model on a data set (not implemented yet)",
     "tsne": "t-SNE of features coloured by class and box size (not implemented yet)",
     "report": "rebuild an HTML report from saved results (not implemented yet)",
@@ -53,7 +50,110 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 # ---- section: erf / rf / layers (erf_lab ERF engine) ---------------------------------------
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
-    """Registers erf, rf and layers (not yet: they are in _PLANNED)."""
+    """Registers erf, rf and layers (erf_lab.jobs does the work)."""
+
+    def model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--model", required=required, metavar="PATH",
+                       help="checkpoint: erf-lab checkpoint, state_dict (with --arch), TorchScript or .pt2")
+        p.add_argument("--arch", metavar="NAME", help="architecture: zoo name, torchvision:NAME or timm:NAME")
+        p.add_argument("--image-size", metavar="N[,M]", help="input size (default: the checkpoint's, else 224)")
+        p.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow full unpickling: runs code stored in the file; only for files you trust")
+
+    p = sub.add_parser("erf", help="effective receptive field of a unit of a layer, over images")
+    model_flags(p, required=True)
+    p.add_argument("--layer", help="module name (see `erf-lab layers`); default: the model output")
+    p.add_argument("--unit", default="center", help="center (RF centred nearest the image centre) or Y,X[;Y,X...]")
+    p.add_argument("--preset", default="replknet", choices=["replknet", "luo", "openerf"])
+    p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: embedded digits-ms)")
+    p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
+    p.add_argument("--num-images", type=int, default=50)
+    p.add_argument("--sampling", default="random", choices=["random", "stratified"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/erf", metavar="DIR", help="writes DIR/erf.npz, erf.json, erf.png")
+    p.add_argument("--center", default="rf", choices=["rf", "array"],
+                   help="centre metrics on the unit's RF centre, or on the array centre (RepLKNet parity)")
+    p.add_argument("--no-crop", action="store_true", help="always compute on the full image")
+    p.add_argument("--backend", default="engine", choices=["engine", "captum"])
+    p.add_argument("--output-index", help="element (index or key) of a tuple/dict layer output")
+    p.add_argument("--layout", default="auto", choices=["auto", "nchw", "nhwc", "tokens"])
+    p.add_argument("--prefix-tokens", type=int, help="class/register tokens before the token grid")
+    for flag, choices in (("--target-rectify", ["relu", "none"]), ("--target-reduction", ["sum", "mean"]),
+                          ("--grad-rectify", ["relu", "abs", "square", "none"]),
+                          ("--color-reduction", ["sum", "mean"]), ("--map-rectify", ["clamp", "none"]),
+                          ("--normalize", ["log_max", "max", "sum", "none"])):
+        p.add_argument(flag, choices=choices, help="override the preset's choice")
+    p.add_argument("--no-progress", action="store_true")
+
+    def cmd_erf(args: argparse.Namespace) -> int:
+        from erf_lab.jobs import run_erf
+
+        opts = {}
+        for name in ("target_rectify", "target_reduction", "grad_rectify", "color_reduction", "map_rectify", "normalize"):
+            v = getattr(args, name)
+            if v is not None:
+                opts[name] = None if v == "none" else v
+        index = args.output_index
+        if index is not None and index.lstrip("-").isdigit():
+            index = int(index)
+        result = run_erf(
+            args.model, arch=args.arch, trust=args.trust_checkpoint, layer=args.layer, unit=args.unit,
+            preset=args.preset, data=args.data, image=args.image, num_images=args.num_images,
+            image_size=args.image_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
+            out=args.out, progress=not args.no_progress, sampling=args.sampling, center=args.center,
+            crop=not args.no_crop, backend=args.backend, output_index=index, layout=args.layout,
+            prefix_tokens=args.prefix_tokens, **opts,
+        )
+        from erf_lab import distributed
+
+        if distributed.is_main():
+            for r in result if isinstance(result, list) else [result]:
+                m = r.metrics()
+                print(f"unit {tuple(r.meta['unit'])} of {r.meta['layer'] or 'output'}: n_images={r.n_images} "
+                      f"skipped={r.n_skipped} rf_center={tuple(round(v, 1) for v in r.meta['rf_center'])} "
+                      f"luo_size={m['luo_size']:.1f} sigma_y={m['sigma_y']:.2f} sigma_x={m['sigma_x']:.2f} "
+                      f"area_ratio@0.2={m['area_ratio_replknet@0.2']:.4f}")
+            print(f"wrote {args.out}")
+        return 0
+
+    handlers["erf"] = cmd_erf
+
+    p = sub.add_parser("rf", help="theoretical receptive field of every layer (printed, and CSV)")
+    model_flags(p, required=False)
+    p.add_argument("--out", default="results/rf", metavar="DIR", help="writes DIR/rf.csv")
+
+    def cmd_rf(args: argparse.Namespace) -> int:
+        import pandas as pd
+
+        from erf_lab.jobs import _input_size, model_for, parse_size, rf_table, write_csv
+
+        lm = model_for(args.model, args.arch, args.trust_checkpoint)
+        df = rf_table(lm.model, _input_size(lm, parse_size(args.image_size)))
+        path = write_csv(df, f"{args.out}/rf.csv")
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+            print(df.drop(columns=["notes"]).to_string(index=False))
+        print(f"wrote {path}")
+        return 0
+
+    handlers["rf"] = cmd_rf
+
+    p = sub.add_parser("layers", help="list a model's layers with output shapes and RF size")
+    model_flags(p, required=False)
+
+    def cmd_layers(args: argparse.Namespace) -> int:
+        import pandas as pd
+
+        from erf_lab.jobs import _input_size, layers_table, model_for, parse_size
+
+        lm = model_for(args.model, args.arch, args.trust_checkpoint)
+        df = layers_table(lm.model, _input_size(lm, parse_size(args.image_size)))
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(df.to_string(index=False))
+        return 0
+
+    handlers["layers"] = cmd_layers
 
 
 # ---- section: train (erf_lab data and training) ---------------------------------------------

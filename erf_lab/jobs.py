@@ -1,0 +1,225 @@
+"""One library function per ``erf-lab`` subcommand of the ERF section (``erf``, ``rf``, ``layers``).
+
+The CLI parses flags and prints; these functions load, compute and write (atomically).
+"""
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distributed as _dist
+from .checkpoint import LoadedModel, build_arch, infer_input_channels, load_model
+from .errors import ErfLabError
+
+__all__ = ["parse_size", "parse_unit", "run_erf", "rf_table", "layers_table", "model_for"]
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def parse_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """``"N"`` or ``"N,M"`` -> (H, W)."""
+    if text in (None, ""):
+        return None
+    try:
+        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        raise ErfLabError(f"--image-size must be N or N,M (positive integers), got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise ErfLabError(f"--image-size must be N or N,M (positive integers), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def parse_unit(text: str) -> Union[str, Tuple[int, int], list]:
+    """``center``, ``Y,X`` or several ``Y,X;Y,X``."""
+    if text == "center":
+        return "center"
+    try:
+        units = [tuple(int(v) for v in part.split(",")) for part in text.split(";")]
+    except ValueError:
+        raise ErfLabError(f"--unit must be center or Y,X (integers), got {text!r}") from None
+    if any(len(u) != 2 for u in units):
+        raise ErfLabError(f"--unit must be center or Y,X (integers), got {text!r}")
+    return units[0] if len(units) == 1 else units
+
+
+def model_for(model_path: Optional[str], arch: Optional[str], trust: bool) -> LoadedModel:
+    """A checkpoint (``model_path``) or, for ``rf``/``layers``, an untrained architecture."""
+    if model_path:
+        return load_model(model_path, arch=arch, trust=trust)
+    if arch:
+        return LoadedModel(build_arch(arch).eval(), {"arch": arch}, "arch", "")
+    raise ErfLabError("give --model PATH (or --arch NAME for an untrained architecture)")
+
+
+def _input_size(lm: LoadedModel, image_size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+    c = lm.in_channels
+    if image_size is not None:
+        return (c,) + tuple(image_size)
+    if lm.input_size is not None:
+        return lm.input_size
+    return (c, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+
+def _load_image(path: str, size: Tuple[int, int], channels: int, meta: Dict[str, Any]) -> Tuple[torch.Tensor, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ErfLabError(f"cannot read image {path}: {exc}") from exc
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    norm = meta.get("normalization") or {}
+    if norm.get("mean") is not None and norm.get("std") is not None:
+        mean = torch.tensor(norm["mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(norm["std"], dtype=torch.float32).view(-1, 1, 1)
+        x = (x - mean) / std
+    return x, arr
+
+
+def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int):
+    from .data import open_data
+
+    explicit = spec is not None
+    spec = spec or lm.meta.get("data_spec") or "digits-ms"
+    kwargs = dict(split="test", image_size=size, channels=channels, seed=seed)
+    if spec == "noise":
+        kwargs["num_images"] = num_images
+    try:
+        return open_data(spec, **kwargs)
+    except ErfLabError:
+        if explicit:
+            raise
+        print(f"erf-lab erf: data set {spec!r} unavailable; using noise images", file=sys.stderr)
+        return open_data("noise", **dict(kwargs, num_images=num_images))
+
+
+def run_erf(
+    model: str,
+    *,
+    arch: Optional[str] = None,
+    trust: bool = False,
+    layer: Optional[str] = None,
+    unit: str = "center",
+    preset: str = "replknet",
+    data: Optional[str] = None,
+    image: Optional[str] = None,
+    num_images: Optional[int] = None,
+    image_size: Optional[str] = None,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    seed: int = 0,
+    out: str = "results/erf",
+    progress: bool = True,
+    **options: Any,
+):
+    """``erf-lab erf``: load the model, compute its ERF, write ``out/erf.{npz,json,png}``.
+
+    Nothing is written unless the model loads and the ERF is computed. Under torchrun every
+    rank computes its shard and rank 0 writes. Returns the :class:`~erf_lab.erf.ERFResult`
+    (a list for several units).
+    """
+    from .erf import compute_erf, instance_erf
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ErfLabError(f"--device {device}: CUDA is not available here")
+    _dist.init_from_env(device)
+    if _dist.is_active() and device == "cuda":
+        import os
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    lm = load_model(model, arch=arch, trust=trust)
+    size = parse_size(image_size)
+    c, h, w = _input_size(lm, size)
+    units = parse_unit(unit)
+    common = dict(layer=layer, unit=units, preset=preset, device=device, seed=seed, **options)
+    ds = None
+    if image is not None:
+        x, display = _load_image(image, (h, w), c, lm.meta)
+        result = instance_erf(lm.model, x, display_image=display, **common)
+    else:
+        ds = _open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
+                           c, num_images, seed)
+        result = compute_erf(lm.model, ds, num_images=num_images, batch_size=batch_size, progress=progress, **common)
+    results = result if isinstance(result, list) else [result]
+    for r in results:
+        r.meta["model"] = {"path": lm.path, "kind": lm.kind, "arch": lm.meta.get("arch")}
+        r.meta["data"] = image if image is not None else getattr(ds, "spec", data)
+    if _dist.is_main():
+        if len(results) == 1:
+            results[0].save(out)
+        else:
+            for r in results:
+                r.save(Path(out) / f"unit_{r.meta['unit'][0]}_{r.meta['unit'][1]}")
+    _dist.barrier()
+    return result
+
+
+def rf_table(model: nn.Module, input_size: Sequence[int]):
+    """``erf-lab rf``: the theoretical-RF DataFrame (:func:`erf_lab.rf.theoretical_rf`)."""
+    from .rf import theoretical_rf
+
+    return theoretical_rf(model, input_size)
+
+
+def layers_table(model: nn.Module, input_size: Sequence[int]):
+    """``erf-lab layers``: every named layer with its output shape and theoretical RF size.
+
+    Shapes come from forward hooks on one zero image (works for any eager model); RF sizes
+    from :func:`erf_lab.rf.theoretical_rf` when the model can be traced (else empty).
+    """
+    import pandas as pd
+
+    shapes: Dict[str, Any] = {}
+    handles = []
+    named = [(n, m) for n, m in model.named_modules() if n]
+    for name, m in named:
+        def hook(mod, inp, out, name=name):
+            t = out[0] if isinstance(out, (tuple, list)) and out else out
+            shapes.setdefault(name, tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(out).__name__)
+
+        try:
+            handles.append(m.register_forward_hook(hook))
+        except (RuntimeError, AttributeError):  # ScriptModules take no Python hooks
+            pass
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except Exception as exc:  # noqa: BLE001 - report, do not crash
+        raise ErfLabError(f"the model does not run on an input of size {list(input_size)}: {exc}".splitlines()[0]) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    rf: Dict[str, Any] = {}
+    try:
+        df = rf_table(model, input_size)
+        rf = {row["layer"]: row for row in df.to_dict("records")}
+    except ErfLabError:
+        pass
+    rows = []
+    for name, m in named:
+        r = rf.get(name)
+        rows.append({
+            "layer": name,
+            "type": type(m).__name__,
+            "output_shape": shapes.get(name, ""),
+            "rf_size": "" if r is None else (f"{r['rf_y']:g}x{r['rf_x']:g}" + (" global" if r["global"] else "")),
+        })
+    return pd.DataFrame(rows)
+
+
+def write_csv(df, path: Union[str, Path]) -> Path:
+    """Writes a DataFrame as CSV atomically."""
+    from .erf import atomic_write
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(p, lambda tmp: df.to_csv(tmp, index=False))
+    return p
