@@ -354,18 +354,21 @@ class CondConv2d(_ConvLike):
     def forward(self, x: Tensor, return_offsets: bool = False) -> _Output:
         n, c, h, w = x.shape
         r = torch.sigmoid(self.routing(x.mean(dim=(2, 3))))  # (N, E)
-        kernels = torch.einsum("ne,eocij->nocij", r, self.weight)
-        # One grouped convolution over the whole batch: sample n is group block n.
-        y = F.conv2d(
-            x.reshape(1, n * c, h, w),
-            kernels.reshape(n * self.out_channels, *kernels.shape[2:]),
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            groups=n * self.groups,
-        )
-        y = y.reshape(n, self.out_channels, y.shape[-2], y.shape[-1])
+        if n == 0:  # a grouped conv with zero groups is not defined; the shape is that of one expert
+            y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            kernels = torch.einsum("ne,eocij->nocij", r, self.weight)
+            # One grouped convolution over the whole batch: sample n is group block n.
+            y = F.conv2d(
+                x.reshape(1, n * c, h, w),
+                kernels.reshape(n * self.out_channels, *kernels.shape[2:]),
+                None,
+                self.stride,
+                self.padding,
+                self.dilation,
+                groups=n * self.groups,
+            )
+            y = y.reshape(n, self.out_channels, y.shape[-2], y.shape[-1])
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return (y, {"routing": r}) if return_offsets else y

@@ -2,11 +2,12 @@
 
 This is the numerical oracle for the native kernels: it follows DESIGN section 2
 literally and lets autograd differentiate it with respect to every tensor
-argument. It is vectorised (gathers and one contraction) but makes no attempt
-at being fast or memory-lean: it materialises the sampled input columns
-``(N, C_in, K, L)`` and the sampled kernel ``(N, C_out, C_in/groups, K, L)``
-(``K = k_h*k_w`` taps, ``L = H_out*W_out`` positions; the kernel drops ``N``
-and/or ``L`` when its offsets do not depend on them).
+argument. It is vectorised (``unfold``/``grid_sample`` for the input, an
+interpolation matrix for the kernel, one contraction) but makes no attempt at
+being memory-lean: it materialises the sampled input columns ``(N, C_in, K, L)``
+and the sampled kernel ``(N, C_out, C_in/groups, K, L)`` (``K = k_h*k_w`` taps,
+``L = H_out*W_out`` positions; the kernel drops ``N`` and/or ``L`` when its
+offsets do not depend on them).
 
 Arguments are assumed validated by :func:`dk_ops.deform_kernel_conv2d`.
 """
@@ -56,6 +57,10 @@ def sample_kernel(weight: Tensor, kernel_offset: Optional[Tensor], kernel_size: 
     shape ``(n, C_out, C_in/groups, K, P)`` where ``(n, P) = (1, 1)`` without
     offsets, ``(N, 1)`` for global offsets ``(N, 2*G_k*K)`` and ``(N, L)`` for
     local offsets ``(N, 2*G_k*K, H_out, W_out)``.
+
+    Resampling is linear in the scope: a dense interpolation matrix
+    ``B[n, g, t, p, s]`` (at most four non-zeros per row) times the scope cells
+    ``W[o, c, s]``, one batched matrix product per kernel-offset group.
     """
     c_out, cg, sh, sw = weight.shape
     kh, kw = kernel_size
@@ -75,12 +80,10 @@ def sample_kernel(weight: Tensor, kernel_offset: Optional[Tensor], kernel_size: 
         u = u0.view(1, 1, K, 1) + dk[:, :, :, 0]
         v = v0.view(1, 1, K, 1) + dk[:, :, :, 1]
     index, corner_w = bilinear_corners(u, v, sh, sw)  # (n, gk, K, P, 4)
-    # Scope cells as the leading axis so that advanced indexing gathers whole (o, c) slabs.
-    w_cells = weight.reshape(gk, c_out // gk, cg, sh * sw).permute(0, 3, 1, 2)  # (gk, S, Co/gk, Cg)
-    group = torch.arange(gk, device=weight.device).view(1, gk, 1, 1, 1)
-    corners = w_cells[group, index]  # (n, gk, K, P, 4, Co/gk, Cg)
-    sampled = (corners * corner_w[..., None, None]).sum(dim=4)  # (n, gk, K, P, Co/gk, Cg)
-    return sampled.permute(0, 1, 4, 5, 2, 3).reshape(n, c_out, cg, K, P)
+    interp = corner_w.new_zeros(n, gk, K, P, sh * sw).scatter_add(-1, index, corner_w)
+    cells = weight.reshape(gk, c_out // gk, cg, sh * sw).reshape(gk, (c_out // gk) * cg, sh * sw)
+    sampled = torch.einsum("ngkps,gms->ngmkp", interp, cells)  # (n, gk, Co/gk * Cg, K, P)
+    return sampled.reshape(n, c_out, cg, K, P)
 
 
 def _sample_input(
@@ -109,14 +112,14 @@ def _sample_input(
         py0 = (i * dilation[0]).view(K, 1, 1) + hs.view(1, ho, 1)  # (K, Ho, 1)
         px0 = (j * dilation[1]).view(K, 1, 1) + ws.view(1, 1, wo)  # (K, 1, Wo)
         off = offset.reshape(n, gi, K, 2, ho, wo)
-        py = py0 + off[:, :, :, 0]  # (N, Gi, K, Ho, Wo)
+        py = py0 + off[:, :, :, 0]  # (N, Gi, K, Ho, Wo), in input pixels
         px = px0 + off[:, :, :, 1]
-        index, corner_w = bilinear_corners(py, px, h, w)  # (N, Gi, K, Ho, Wo, 4)
-        cgi = c // gi
-        planes = x.reshape(n, gi, cgi, h * w)
-        flat_index = index.reshape(n, gi, 1, K * L * 4).expand(n, gi, cgi, K * L * 4)
-        corners = torch.gather(planes, 3, flat_index).reshape(n, gi, cgi, K, L, 4)
-        cols = (corners * corner_w.reshape(n, gi, 1, K, L, 4)).sum(dim=-1)
+        # grid_sample's bilinear mode with zero padding is exactly the four-corner rule with
+        # outside corners counting as zero; align_corners=False maps pixel p to (2p + 1)/size - 1.
+        grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
+        grid = grid.reshape(n * gi, K * ho, wo, 2)
+        planes = x.reshape(n * gi, c // gi, h, w)
+        cols = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         cols = cols.reshape(n, c, K, L)
     if mask is not None:
         gm = mask.shape[1] // K

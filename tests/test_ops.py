@@ -12,6 +12,13 @@ from tests._naive import naive_deform_kernel_conv2d
 D = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["reference", "auto"])
+def backend(request, monkeypatch):
+    """Every test runs on the reference path and on whatever the default dispatch picks (native if built)."""
+    monkeypatch.setenv("DK_OPS_BACKEND", request.param)
+    return request.param
+
+
 def make_args(
     n=2, c_in=4, c_out=4, hw=(5, 6), k=(3, 3), scope=(4, 4), groups=1, gk=1, gi=None, kernel="local",
     mask=False, bias=True, stride=(1, 1), padding=(1, 1), dilation=(1, 1), dtype=D, offset_scale=0.7,
