@@ -92,6 +92,7 @@ class SampleDataset(Dataset):
         num_images: Optional[int],
         seed: int,
         bin_reference_sizes: Optional[np.ndarray] = None,
+        indices: Optional[np.ndarray] = None,
     ) -> None:
         """Record metadata, compute size bins over the full split, then take the subset."""
         self.spec = spec
@@ -108,7 +109,7 @@ class SampleDataset(Dataset):
         else:
             ref = sizes if bin_reference_sizes is None else bin_reference_sizes
             self.size_bin_edges, all_bins = assign_size_bins(sizes, size_bins, reference=ref)
-        self._indices = subset_indices(n, num_images, seed)
+        self._indices = subset_indices(n, num_images, seed) if indices is None else np.asarray(indices, np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self._indices]
         self.size_bins = all_bins[self._indices]
         self.sizes = None if sizes is None else np.asarray(sizes, dtype=np.float64)[self._indices]

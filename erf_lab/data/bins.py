@@ -12,6 +12,34 @@ SizeBins = Union[str, Sequence[float], None]
 COCO_SIZE_EDGES = [0.0, 32.0, 96.0, float("inf")]
 
 
+def quantile_edges(reference: np.ndarray, n: int) -> List[float]:
+    """``n + 1`` edges splitting ``reference`` into ``n`` bins of (as nearly as ties allow) equal count.
+
+    Sizes are often discrete (pixel boxes), so inner edges are placed half-way between two
+    consecutive distinct sizes, at the cut whose count below is nearest to ``k * N / n``;
+    the outer edges are the minimum and maximum.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    ref = ref[np.isfinite(ref)]
+    if ref.size == 0:
+        raise ErfLabError("size bins: no object sizes to compute quantile edges from")
+    values, counts = np.unique(ref, return_counts=True)
+    if values.size < n:
+        raise ErfLabError(f"size bins: {values.size} distinct object sizes cannot make {n} quantile bins")
+    below = np.cumsum(counts)[:-1]  # items <= values[i], for cuts between values[i] and values[i+1]
+    mids = (values[:-1] + values[1:]) / 2.0
+    edges = [float(values[0])]
+    last = -1
+    for k in range(1, n):
+        i = int(np.argmin(np.abs(below - k * ref.size / n)))
+        i = max(i, last + 1)  # keep edges strictly increasing
+        i = min(i, mids.size - (n - k))
+        edges.append(float(mids[i]))
+        last = i
+    edges.append(float(values[-1]))
+    return edges
+
+
 def size_bin_edges(reference: np.ndarray, size_bins: SizeBins) -> List[float]:
     """``B + 1`` increasing bin edges for ``size_bins`` computed on ``reference`` sizes.
 
@@ -30,11 +58,7 @@ def size_bin_edges(reference: np.ndarray, size_bins: SizeBins) -> List[float]:
                 n = 0
             if n < 1:
                 raise ErfLabError(f"size bins {size_bins!r}: expected quantileN with N >= 1, e.g. quantile10")
-            ref = np.asarray(reference, dtype=np.float64)
-            ref = ref[np.isfinite(ref)]
-            if ref.size == 0:
-                raise ErfLabError("size bins: no object sizes to compute quantile edges from")
-            return [float(e) for e in np.quantile(ref, np.linspace(0.0, 1.0, n + 1))]
+            return quantile_edges(reference, n)
         raise ErfLabError(f"size bins {size_bins!r}: expected 'quantileN' (e.g. quantile10), 'coco' or a list of edges")
     edges = [float(e) for e in size_bins]  # type: ignore[union-attr]
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
