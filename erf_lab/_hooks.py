@@ -64,7 +64,13 @@ def _capture(layer: nn.Module, stop: bool) -> Iterator[List[Any]]:
         if stop:
             raise _Stop
 
-    handle = layer.register_forward_hook(hook)
+    try:
+        handle = layer.register_forward_hook(hook)
+    except (RuntimeError, AttributeError) as exc:  # ScriptModules take no Python hooks
+        raise ErfLabError(
+            f"cannot hook layer {type(layer).__name__} ({exc}); for TorchScript models only the model output "
+            "(no --layer) is supported"
+        ) from exc
     try:
         yield box
     finally:

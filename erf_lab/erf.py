@@ -410,7 +410,7 @@ class _Engine:
         ng = NeuronGradient(self.model, self.layer)
         outs = []
         for u in units:
-            outs.append(ng.attribute(x.detach().clone(), neuron_selector=lambda o, u=u: self.target_vectors(o, [u])))
+            outs.append(ng.attribute(x.detach().clone().requires_grad_(True), neuron_selector=lambda o, u=u: self.target_vectors(o, [u])))
         return torch.stack(outs, 1)
 
 
@@ -535,11 +535,15 @@ def compute_erf(
     device = torch.device(device)
     size = None if image_size is None else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
 
+    first_shape: List[Tuple[int, ...]] = []
+
     def load(ids: Sequence[int]) -> Tensor:
         imgs = [source.image(i).float() for i in ids]
-        shapes = {tuple(t.shape) for t in imgs}
+        shapes = {tuple(t.shape) for t in imgs} | ({first_shape[0]} if first_shape else set())
         if size is None and len(shapes) > 1:
             raise ErfLabError(f"images differ in size {sorted(shapes)}; pass image_size to resize them")
+        if not first_shape:
+            first_shape.append(tuple(imgs[0].shape))
         x = torch.stack([t if size is None or tuple(t.shape[-2:]) == size else
                          F.interpolate(t[None], size=size, mode="bicubic", align_corners=False)[0] for t in imgs])
         return x.to(device)

@@ -172,6 +172,13 @@ def _adaptive(rf: LayerRF, in_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> L
     return out
 
 
+def _pad(rf: LayerRF, padding) -> LayerRF:
+    """Explicit padding (left, right, top, bottom): unit 0 moves up/left by the leading pad."""
+    left, _, top, _ = (padding,) * 4 if isinstance(padding, int) else tuple(padding) + (0,) * (4 - len(padding))
+    return replace(rf, y=replace(rf.y, center0=rf.y.center0 - top * rf.y.jump),
+                   x=replace(rf.x, center0=rf.x.center0 - left * rf.x.jump))
+
+
 def _module_rule(m: nn.Module, rf: LayerRF, in_hw, out_hw) -> Tuple[LayerRF, bool]:
     """(field after module ``m``, handled?)."""
     from dk_ops import modules as dkm
@@ -204,6 +211,8 @@ def _module_rule(m: nn.Module, rf: LayerRF, in_hw, out_hw) -> Tuple[LayerRF, boo
         return _window(rf, m.kernel_size, m.stride or m.kernel_size, m.padding), True
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and out_hw is not None:
         return _adaptive(rf, in_hw, out_hw), True
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+        return _pad(rf, m.padding), True
     if isinstance(m, (nn.Linear, nn.MultiheadAttention)) or "Attention" in type(m).__name__:
         return _as_global(rf, f"{type(m).__name__} mixes all positions"), True
     return rf, False
@@ -215,6 +224,11 @@ def _spatial_shape(node: fx.Node) -> Optional[Tuple[int, int, int]]:
         return None
     shape = tuple(meta.shape)
     return tuple(int(s) for s in shape[1:]) if len(shape) == 4 else None
+
+
+def _pads(node: fx.Node) -> Tuple[int, ...]:
+    pads = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else ())
+    return tuple(pads) if isinstance(pads, (tuple, list)) and all(isinstance(v, int) for v in pads) else ()
 
 
 def _is_tensor_node(node: Any) -> bool:
@@ -303,6 +317,8 @@ class _RFGraph:
                 k = kw.get("kernel_size", a[1])
                 out = _window(first, k, kw.get("stride", a[2]) or k, kw.get("padding", a[3] or 0))
                 handled = True
+            elif node.op == "call_function" and node.target is F.pad and len(_pads(node)) == 4:
+                out, handled = _pad(first, _pads(node)), True
             elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCS and out_hw is not None:
                 out, handled = _adaptive(first, in_hw, out_hw), True
             elif len(ins) > 1:

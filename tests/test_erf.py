@@ -1,0 +1,347 @@
+"""The ERF engine against independent oracles: analytic box-kernel stacks, Luo et al.'s sqrt(depth)
+law, a per-image autograd loop, captum's NeuronGradient, and plain restatements of the presets."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dk_ops.modules import CondConv2d, DeformKernel2d
+from erf_lab import ERFResult, compute_erf
+from erf_lab.erf import _check_locality, _crop_window, _Engine, _geometry, _select, _Source, PRESETS
+from erf_lab.errors import ErfLabError
+from erf_lab.metrics import second_moments
+
+
+def box_stack(n: int, k: int) -> nn.Sequential:
+    layers = [nn.Conv2d(1, 1, k, padding=k // 2, bias=False) for _ in range(n)]
+    for layer in layers:
+        nn.init.ones_(layer.weight)
+    return nn.Sequential(*layers)
+
+
+def nfold_box(n: int, k: int) -> np.ndarray:
+    p = np.ones(1)
+    for _ in range(n):
+        p = np.convolve(p, np.ones(k))
+    return p
+
+
+@pytest.mark.parametrize("n,k", [(1, 3), (4, 3), (3, 5), (6, 3)])
+def test_box_stack_equals_nfold_convolution(n, k):
+    size = 2 * n * (k // 2) + 9
+    r = compute_erf(box_stack(n, k), torch.randn(3, 1, size, size), preset="luo", progress=False)
+    c = size // 2
+    half = n * (k // 2)
+    expect = np.zeros((size, size))
+    p = nfold_box(n, k)
+    expect[c - half : c + half + 1, c - half : c + half + 1] = np.outer(p, p)
+    assert np.abs(r.map / r.map.sum() - expect / expect.sum()).max() < 1e-9
+    sy, sx = second_moments(r.map, r.center)
+    sigma = math.sqrt(n * (k * k - 1) / 12)
+    assert sy == pytest.approx(sigma, rel=1e-9) and sx == pytest.approx(sigma, rel=1e-9)
+    assert r.meta["rf_size"] == [2 * half + 1] * 2 and r.meta["rf_center"] == [c, c]
+
+
+@pytest.mark.parametrize("rectify", ["square", "abs"])
+def test_random_linear_stacks_grow_as_sqrt_depth(rectify):
+    depths, sigmas = [4, 8, 16, 32], []
+    for n in depths:
+        layers = [nn.Conv2d(1 if i == 0 else 16, 16, 3, padding=1, bias=False) for i in range(n)]
+        for layer in layers:
+            nn.init.normal_(layer.weight)
+        r = compute_erf(nn.Sequential(*layers), torch.zeros(1, 1, 97, 97), preset="luo", grad_rectify=rectify, progress=False)
+        sy, sx = second_moments(r.map, r.center)
+        sigmas.append(math.sqrt(sy * sx))
+    slope = np.polyfit(np.log(depths), np.log(sigmas), 1)[0]
+    assert 0.4 < slope < 0.65, slope  # Luo et al. 2016 report 0.56
+
+
+class SmallNet(nn.Module):
+    """conv-bn-relu, a strided conv, a residual 3x3, with BatchNorm running stats that matter."""
+
+    def __init__(self, c_in: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.stem[1].running_mean.uniform_(-0.5, 0.5)
+            self.stem[1].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = self.down(self.stem(x))
+        x = x + F.relu(self.block(x))
+        return self.head(x.mean((2, 3)))
+
+
+def per_image_oracle(model, images, layer, unit, options):
+    """A plain loop: one image at a time, full forward, autograd, numpy reductions."""
+    maps = []
+    model.eval()
+    feats = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: feats.__setitem__("y", o))
+    for img in images:
+        x = img[None].clone().requires_grad_(True)
+        model(x)
+        v = feats["y"][0, :, unit[0], unit[1]]
+        if options.target_rectify == "relu":
+            v = F.relu(v)
+        t = v.sum() if options.target_reduction == "sum" else v.mean()
+        (g,) = torch.autograd.grad(t, x)
+        g = g[0].double().numpy()
+        if options.grad_rectify == "relu":
+            g = np.maximum(g, 0)
+        m = g.sum(0) if options.color_reduction == "sum" else g.mean(0)
+        if options.map_rectify == "clamp":
+            m = np.maximum(m, 0)
+        maps.append(m)
+    handle.remove()
+    return np.mean(maps, 0)
+
+
+@pytest.mark.parametrize("preset", ["replknet", "luo", "openerf"])
+def test_batched_equals_per_image_loop(preset):
+    model, images = SmallNet(), torch.randn(7, 3, 24, 24)
+    r = compute_erf(model, images, layer="block", unit=(5, 6), preset=preset, batch_size=3, progress=False)
+    oracle = per_image_oracle(model, images, "block", (5, 6), PRESETS[preset])
+    np.testing.assert_allclose(r.map, oracle, rtol=1e-5, atol=1e-7 * np.abs(oracle).max())
+    assert r.n_images == 7 and r.n_skipped == 0
+
+
+def test_batch_size_does_not_change_the_map():
+    model, images = SmallNet(), torch.randn(6, 3, 24, 24)
+    a = compute_erf(model, images, layer="block", batch_size=1, progress=False)
+    b = compute_erf(model, images, layer="block", batch_size=6, progress=False)
+    np.testing.assert_allclose(a.map, b.map, rtol=1e-6, atol=1e-12)
+
+
+def test_captum_backend_equals_engine():
+    model, images = SmallNet(), torch.randn(5, 3, 20, 20)
+    a = compute_erf(model, images, layer="block", unit=(4, 3), batch_size=2, progress=False)
+    b = compute_erf(model, images, layer="block", unit=(4, 3), batch_size=2, backend="captum", progress=False)
+    np.testing.assert_allclose(a.map, b.map, rtol=1e-6, atol=1e-12)
+    assert b.meta["backend"] == "captum"
+
+
+def test_replknet_preset_equals_restatement_of_their_script():
+    """RepLKNet erf/visualize_erf.py: batch 1, relu(out[:, :, H//2, W//2]).sum(), relu(grad).sum((0, 1)),
+    NaN check per image, running mean; analyze_erf.py: log10(x + 1) / max and get_rectangle."""
+    torch.manual_seed(1)
+    features = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(6, 4, 3, padding=1))
+    images = torch.randn(4, 3, 33, 33)
+    total, count = None, 0
+    for img in images:
+        samples = img[None].clone().requires_grad_(True)
+        outputs = features(samples)
+        out_size = outputs.size()
+        central_point = F.relu(outputs[:, :, out_size[2] // 2, out_size[3] // 2]).sum()
+        grad = torch.autograd.grad(central_point, samples)[0]
+        grad = F.relu(grad)
+        contribution_scores = grad.sum((0, 1)).numpy().astype(np.float64)
+        if np.isnan(np.sum(contribution_scores)):
+            continue
+        total = contribution_scores if total is None else total + contribution_scores
+        count += 1
+    theirs = total / count
+
+    def get_rectangle(data, thresh):
+        h, w = data.shape
+        all_sum = np.sum(data)
+        for i in range(1, h // 2):
+            selected_area = data[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i]
+            if np.sum(selected_area) / all_sum > thresh:
+                return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
+        return None
+
+    ours = compute_erf(features, images, unit=(8, 8), preset="replknet", center="array", progress=False, crop=False)
+    np.testing.assert_allclose(ours.map, theirs, rtol=1e-5)
+    data = np.log10(theirs + 1)
+    data = data / np.max(data)
+    np.testing.assert_allclose(ours.display(), data, rtol=1e-5)
+    m = ours.metrics()
+    for t in (0.2, 0.3, 0.5, 0.99):
+        assert m[f"area_ratio_replknet_array_center@{t}"] == pytest.approx(get_rectangle(data, t)[1])
+
+
+def test_center_unit_uses_the_receptive_field_not_the_array_middle():
+    # 4 output cells over 16 px with 'valid' stride-4 kernel 4: centres at 1.5, 5.5, 9.5, 13.5 and the
+    # image centre 7.5 lies between cells 1 and 2; a left-heavy padding shifts it.
+    net = nn.Sequential(nn.ZeroPad2d((6, 0, 6, 0)), nn.Conv2d(1, 1, 4, stride=4))
+    r = compute_erf(net, torch.randn(1, 1, 16, 16), progress=False)
+    # grid 5x5 (22/4 -> 5), unit i centred at -6 + 1.5 + 4 i: i=3 -> 7.5
+    assert r.meta["grid"] == [5, 5] and r.meta["unit"] == [3, 3] and r.meta["rf_center"] == [7.5, 7.5]
+
+
+def test_several_units_in_one_pass_equal_separate_runs():
+    model, images = SmallNet(), torch.randn(3, 3, 24, 24)
+    both = compute_erf(model, images, layer="block", unit=[(2, 2), (9, 7)], progress=False)
+    for res, u in zip(both, [(2, 2), (9, 7)]):
+        one = compute_erf(model, images, layer="block", unit=u, progress=False)
+        np.testing.assert_allclose(res.map, one.map, rtol=1e-6, atol=1e-12)
+        assert res.meta["unit"] == list(u)
+
+
+def test_nonfinite_maps_are_skipped_and_counted():
+    class Sqrt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.sqrt(x))
+
+    images = torch.rand(5, 1, 12, 12) + 0.1
+    images[2, 0, 6, 6] = -1.0  # NaN inside the centre unit's field
+    model = Sqrt()
+    r = compute_erf(model, images, unit=(6, 6), preset="luo", batch_size=2, progress=False)
+    assert (r.n_images, r.n_skipped) == (4, 1)
+    good = compute_erf(model, images[[0, 1, 3, 4]], unit=(6, 6), preset="luo", progress=False)
+    np.testing.assert_allclose(r.map, good.map, rtol=1e-6)
+
+
+def test_crop_is_used_only_when_locality_is_proven_and_gives_the_same_map():
+    torch.manual_seed(2)
+    local = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(3, 3, 64, 64)
+    a = compute_erf(local, images, progress=False)
+    b = compute_erf(local, images, crop=False, progress=False)
+    assert a.meta["crop"] is not None and a.meta["locality"].startswith("verified")
+    assert b.meta["crop"] is None
+    np.testing.assert_allclose(a.map, b.map, rtol=1e-5, atol=1e-9 * np.abs(b.map).max())
+    routed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), CondConv2d(4, 4, 3, padding=1))
+    nn.init.normal_(routed[1].routing.weight)
+    c = compute_erf(routed, images, progress=False)
+    assert c.meta["crop"] is None and "not provably local" in c.meta["locality"]
+
+
+def test_empirical_locality_check_catches_global_routing():
+    routed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), CondConv2d(4, 4, 3, padding=1)).eval()
+    nn.init.normal_(routed[1].routing.weight)
+    local = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DeformKernel2d(4, 4, 3, padding=1)).eval()
+    x = torch.randn(3, 48, 48)
+    for model, expect in ((routed, False), (local, True)):
+        geo = _geometry(model, None, None, "auto", None, "center", x)
+        geo.local = True  # pretend the graph said "local": the empirical check must still decide
+        window = _crop_window(geo, (48, 48))
+        engine = _Engine(model, None, None, geo, PRESETS["replknet"], True)
+        assert _check_locality(engine, x, window, seed=0) is expect
+
+
+def test_layouts_nhwc_tokens_and_tuple_outputs_agree_with_nchw():
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 4, stride=4)
+            self.cls = nn.Parameter(torch.randn(1, 1, 6))
+            self.nhwc = nn.Identity()
+            self.tokens = nn.Identity()
+            self.pair = PairOut()
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.nhwc(y.permute(0, 2, 3, 1))
+            t = torch.cat([self.cls.expand(len(x), -1, -1), y.flatten(2).transpose(1, 2)], 1)
+            self.tokens(t)
+            return self.pair(y)
+
+    class PairOut(nn.Module):
+        def forward(self, y):
+            return {"aux": y.sum(), "map": y * 2}
+
+    model, images = Wrap(), torch.randn(2, 3, 32, 32)
+    ref = compute_erf(model, images, layer="conv", unit=(3, 5), preset="luo", progress=False)
+    nhwc = compute_erf(model, images, layer="nhwc", layout="nhwc", unit=(3, 5), preset="luo", progress=False)
+    tok = compute_erf(model, images, layer="tokens", unit=(3, 5), preset="luo", progress=False)
+    pair = compute_erf(model, images, layer="pair", output_index="map", unit=(3, 5), preset="luo", progress=False)
+    np.testing.assert_allclose(nhwc.map, ref.map, rtol=1e-6)
+    np.testing.assert_allclose(tok.map, ref.map, rtol=1e-6)
+    np.testing.assert_allclose(pair.map, 2 * ref.map, rtol=1e-6)
+    assert tok.meta["layout"] == "tokens" and tok.meta["prefix_tokens"] == 1 and tok.meta["grid"] == [8, 8]
+
+
+def test_sampling_is_seeded_and_stratified():
+    class Labelled(torch.utils.data.Dataset):
+        labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return {"image": torch.full((1, 4, 4), float(i)), "label": int(self.labels[i])}
+
+    src = _Source(Labelled())
+    assert _select(src, 6, "random", 3) == _select(src, 6, "random", 3)
+    assert _select(src, 6, "random", 3) != _select(src, 6, "random", 4)
+    picked = _select(src, 9, "stratified", 0)
+    assert sorted(np.bincount(Labelled.labels[picked])) == [3, 3, 3]
+    a = compute_erf(nn.Conv2d(1, 1, 3, padding=1), Labelled(), num_images=5, seed=1, progress=False)
+    b = compute_erf(nn.Conv2d(1, 1, 3, padding=1), [(torch.full((1, 4, 4), float(i)), 0) for i in range(20)],
+                    num_images=5, seed=1, progress=False)
+    assert a.n_images == b.n_images == 5
+
+
+def test_bad_inputs_raise_one_line_errors():
+    model = SmallNet()
+    x = torch.randn(2, 3, 16, 16)
+    cases = [
+        dict(layer="blok"),
+        dict(layer="block", unit=(99, 0)),
+        dict(preset="nope"),
+        dict(layer="head"),  # (N, 5): no spatial map
+        dict(grad_rectify="cube"),
+        dict(backend="other"),
+    ]
+    for kw in cases:
+        with pytest.raises(ErfLabError) as info:
+            compute_erf(model, x, progress=False, **kw)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ErfLabError, match="did you mean block"):
+        compute_erf(model, x, layer="blok", progress=False)
+    with pytest.raises(ErfLabError, match="differ in size"):
+        compute_erf(model, [torch.randn(3, 16, 16), torch.randn(3, 18, 18)], layer="block", batch_size=1, progress=False)
+    with pytest.raises(ErfLabError, match="empty"):
+        compute_erf(model, torch.randn(0, 3, 16, 16), layer="block", progress=False)
+
+
+def test_model_state_is_restored():
+    model = SmallNet().train()
+    before = [p.requires_grad for p in model.parameters()]
+    compute_erf(model, torch.randn(2, 3, 16, 16), layer="block", progress=False, channels_last=True)
+    assert model.training and [p.requires_grad for p in model.parameters()] == before
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_result_save_load_roundtrip_and_plot(tmp_path):
+    r = compute_erf(SmallNet(), torch.randn(3, 3, 24, 24), layer="block", progress=False)
+    r.image = np.random.rand(24, 24, 3)
+    r.save(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["erf.json", "erf.npz", "erf.png", "erf_overlay.png"]
+    back = ERFResult.load(tmp_path / "out")
+    np.testing.assert_array_equal(back.map, r.map)
+    assert back.n_images == 3 and back.meta["unit"] == r.meta["unit"] and back.image.shape == (24, 24, 3)
+    assert back.metrics()["sigma_y"] == pytest.approx(r.metrics()["sigma_y"])
+    with np.load(tmp_path / "out" / "erf.npz") as z:
+        assert z["erf"].dtype == np.float64 and z["erf"].shape == (24, 24)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = r.plot(overlay=True)
+    assert ax.get_title().startswith("ERF block")
+
+
+def test_interrupted_save_leaves_no_partial_files(tmp_path, monkeypatch):
+    r = compute_erf(SmallNet(), torch.randn(2, 3, 16, 16), layer="block", progress=False)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        r.save(tmp_path / "o", plot=False)
+    assert os.listdir(tmp_path / "o") == []
