@@ -17,7 +17,7 @@ DEMO_OUT    ?= results
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.erf-lab-installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean cuda-check
 
 install: $(STAMP)
 
@@ -36,3 +36,17 @@ demo: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Compile every dk_ops CUDA source with nvcc (nothing runs; no GPU needed). The
+# CPU torch lacks CUDA headers, so a CUDA torch lives in its own virtualenv
+# outside the clone (created once, about 1.5 min from a local wheel mirror, then
+# reused; its nvidia-* wheels bring the CUDA library headers the toolkit may lack).
+CUDA_VENV       ?= $(HOME)/.cache/erf-lab/cuda-venv
+CUDA_TORCH_SPEC ?= torch==2.14.1
+NVCC            ?= nvcc
+
+cuda-check:
+	@$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+	  { rm -rf $(CUDA_VENV) && $(PYTHON) -m venv $(CUDA_VENV) && \
+	    $(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)"; }
+	NVCC=$(NVCC) $(CUDA_VENV)/bin/python scripts/cuda_check.py
