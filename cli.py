@@ -14,7 +14,6 @@ EXIT_USAGE = 2
 # Subcommands not built yet: (name, one-line help). Each section below removes its
 # names from here when it registers the real subcommand.
 _PLANNED = {
-    "train": "train a study model on a data set (not implemented yet)",
     "tsne": "t-SNE of features coloured by class and box size (not implemented yet)",
     "report": "rebuild an HTML report from saved results (not implemented yet)",
     "figures": "reproduce the paper's figures and tables (not implemented yet)",
@@ -158,7 +157,54 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
 
 # ---- section: train (erf_lab data and training) ---------------------------------------------
 def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
-    """Registers train (not yet: it is in _PLANNED)."""
+    """Registers train: one call to :func:`erf_lab.train.train`."""
+    p = sub.add_parser(
+        "train", help="train a study model on a data set (best checkpoint, .last.pt and .metrics.json)",
+        description="Train ARCH with operator OP on a data set; writes OUT (best epoch by validation accuracy, "
+                    "loadable by `erf-lab erf --model OUT`), OUT.last.pt (for --resume) and OUT.metrics.json.",
+    )
+    p.add_argument("--arch", default="study_net", help="zoo model (see `erf-lab models`; default: study_net)")
+    p.add_argument("--op", default="conv", choices=["conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn"])
+    p.add_argument("--data", default="digits-ms", metavar="SPEC",
+                   help="digits-ms[:OPTIONS], DIR, coco:ANN.json:IMGDIR (needs labels; default: digits-ms)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", default="results/train/checkpoint.pt", metavar="CKPT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: cpu)")
+    p.add_argument("--resume", action="store_true", help="continue from CKPT's .last.pt up to --epochs")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 x batch/64 AdamW, 0.1 x batch/64 SGD)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="no random shifts")
+    p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")
+    p.add_argument("--width-mult", type=float, help="model width multiplier (mobilenet_v2)")
+    p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")
+    p.add_argument("--max-eval-images", type=int, help="validate and test on seeded subsets")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
+    p.add_argument("--no-progress", action="store_true")
+
+    def cmd_train(args: argparse.Namespace) -> int:
+        from erf_lab.train import companion_paths, train
+
+        kwargs = {} if args.width_mult is None else {"width_mult": args.width_mult}
+        m = train(
+            args.arch, args.op, args.data, args.epochs, args.out, seed=args.seed, device=args.device,
+            resume=args.resume, lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers,
+            optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+            augment=not args.no_augment, image_size=args.image_size, arch_kwargs=kwargs,
+            max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
+            skip_bad=args.skip_bad, progress=not args.no_progress,
+        )
+        paths = companion_paths(args.out)
+        print(f"{args.arch}/{args.op} on {args.data}: best epoch {m['best_epoch']} val acc {m['best_val_acc']:.4f}, "
+              f"test acc {m['test_acc']:.4f}, {m['train_seconds']:.0f}s training")
+        print(f"wrote {paths['best']}, {paths['last']}, {paths['metrics']}")
+        return 0
+
+    handlers["train"] = cmd_train
 
 
 # ---- section: tsne / report (analyses) ------------------------------------------------------

@@ -65,7 +65,11 @@ class SampleDataset(Dataset):
         channels (int): ``C`` of the returned images.
         labels (numpy.ndarray[int64]): label of each item (-1 when unlabelled).
         size_bins (numpy.ndarray[int64]): size bin of each item (-1 when unknown).
+        has_splits (bool): whether the source has its own train/val/test splits (a plain
+            folder or a COCO file is one set returned for every split).
     """
+
+    has_splits: bool = True
 
     spec: str
     split: str

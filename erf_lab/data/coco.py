@@ -156,6 +156,7 @@ class CocoObjects(SampleDataset):
             sizes=sizes, size_bins=size_bins, image_size=image_size, channels=channels, mean=mean, std=std,
             num_images=None, seed=seed, indices=keep,
         )
+        self.has_splits = False
         self.annotation_ids = [ann_ids[i] for i in keep]
         self.object_boxes = boxes_np[keep]
 

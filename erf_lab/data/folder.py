@@ -106,6 +106,7 @@ class ImageFolderData(SampleDataset):
             image_size=image_size, channels=channels, mean=mean, std=std, num_images=None, seed=seed, indices=keep,
         )
         self.paths = [paths[i] for i in keep]
+        self.has_splits = bool(split_dirs)
 
     def _load(self, j: int) -> Tuple[Tensor, Tensor]:
         image = to_tensor(load_image(self._paths[j], self.channels), self.image_size)

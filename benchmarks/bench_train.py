@@ -1,0 +1,105 @@
+"""Training benchmark: test accuracy on ``digits-ms`` reachable within a wall-clock budget.
+
+For each op variant of the study net (and MobileNetV2 width 0.5) the script measures the
+training throughput on a few batches, sizes the run to fit the budget (whole epochs over
+the train split when they fit, else one epoch over a seeded subset), trains with
+:func:`erf_lab.train.train`, and reports test accuracy and training wall time
+(training plus per-epoch validation; the budget is the issue's target: 3 min for the study
+net, 10 min for MobileNetV2). Results go to a JSON file and a Markdown table.
+
+    python benchmarks/bench_train.py --out results/bench_train        # everything
+    python benchmarks/bench_train.py --ops conv dk --skip-mobilenet    # a part
+
+Timings depend on the machine and on what else runs on it; the JSON records the thread
+count and load average at the start of each run.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dk_ops import models  # noqa: E402
+from erf_lab.data import open_data  # noqa: E402
+from erf_lab.train import train, write_json  # noqa: E402
+
+
+def probe_ms_per_image(arch: str, op: str, arch_kwargs: dict, batch: int = 64, steps: int = 3) -> float:
+    """Milliseconds per training image (forward + backward + step), after one warm-up step."""
+    torch.manual_seed(0)
+    model = models.create(arch, op=op, num_classes=10, **arch_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return 1000 * min(times[1:]) / batch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="results/bench_train")
+    p.add_argument("--data", default="digits-ms")
+    p.add_argument("--ops", nargs="+", default=list(models.OPS))
+    p.add_argument("--budget-s", type=float, default=180.0, help="study-net budget per op (seconds)")
+    p.add_argument("--mobilenet-budget-s", type=float, default=600.0)
+    p.add_argument("--mobilenet-ops", nargs="+", default=["conv"])
+    p.add_argument("--skip-mobilenet", action="store_true")
+    p.add_argument("--max-epochs", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_train = len(open_data(args.data, split="train"))
+    n_val = len(open_data(args.data, split="val"))
+    runs = [("study_net", op, {}, args.budget_s) for op in args.ops]
+    if not args.skip_mobilenet:
+        runs += [("mobilenet_v2", op, {"width_mult": 0.5}, args.mobilenet_budget_s) for op in args.mobilenet_ops]
+    results = []
+    for arch, op, kw, budget in runs:
+        ms = probe_ms_per_image(arch, op, kw)
+        # validation costs about a third of a training image per image; keep 15% slack
+        per_epoch_s = (n_train * ms + n_val * ms / 3) / 1000
+        epochs = int(min(args.max_epochs, 0.85 * budget // per_epoch_s))
+        subset = None
+        if epochs < 1:
+            epochs, subset = 1, int(max(256, (0.85 * budget * 1000 - n_val * ms / 3) / ms))
+        name = f"{arch}-{op}" + "".join(f"-{k}{v}" for k, v in kw.items())
+        load = os.getloadavg()[0]
+        print(f"{name}: {ms:.1f} ms/img -> {epochs} epoch(s) over {subset or n_train} images", flush=True)
+        m = train(arch, op, args.data, epochs, out / f"{name}.pt", seed=args.seed, arch_kwargs=kw,
+                  max_train_images=subset, progress=False)
+        row = {"arch": arch, "op": op, "arch_kwargs": kw, "budget_s": budget, "probe_ms_per_image": ms,
+               "epochs": epochs, "train_images": m["num_train"], "test_acc": m["test_acc"],
+               "best_val_acc": m["best_val_acc"], "train_seconds": m["train_seconds"], "params": m["params"],
+               "macs": m["macs"], "load_avg_1min_at_start": load, "threads": args.threads}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        write_json({"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()},
+                   out / "bench_train.json")
+    lines = ["| model | op | epochs x train images | test acc | train time (s) | budget (s) | met |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        met = r["test_acc"] >= 0.9 and r["train_seconds"] <= r["budget_s"]
+        lines.append(f"| {r['arch']}{' w' + str(r['arch_kwargs']['width_mult']) if r['arch_kwargs'] else ''} | "
+                     f"{r['op']} | {r['epochs']} x {r['train_images']} | {100 * r['test_acc']:.1f}% | "
+                     f"{r['train_seconds']:.0f} | {r['budget_s']:.0f} | {'yes' if met else 'no'} |")
+    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

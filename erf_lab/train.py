@@ -1,0 +1,390 @@
+"""Training of study models on any ``--data`` source (``erf-lab train``).
+
+:func:`train` builds ``dk_ops.models.create(arch, op=op, num_classes=K, **arch_kwargs)``,
+trains it with AdamW (or SGD with Nesterov momentum) on a cosine schedule with a linear
+warm-up, light augmentation (random shifts of up to 1/16 of the image side; no flips, which
+would change digits), validates every epoch, and keeps two checkpoints:
+
+* ``OUT`` -- the best epoch by validation accuracy, the file to analyse
+  (``erf-lab erf --model OUT``); its ``metrics`` include the test accuracy;
+* ``OUT.last.pt`` -- the latest epoch with optimizer, scheduler and RNG states,
+  read by ``resume=True``;
+
+and ``OUT.metrics.json`` beside them. Every write goes to a temporary file in the same
+folder and is renamed into place, so an interrupt leaves the previous files intact.
+
+Randomness is seeded per epoch (shuffling, augmentation and the global torch generator are
+reseeded from ``(seed, epoch)``), so ``resume`` after epoch ``k`` gives the same weights as
+an uninterrupted run with the same seed.
+
+Data sources without their own splits (a plain image folder, a COCO file) are divided here:
+a seeded 80/10/10 train/val/test split of the items.
+
+Checkpoint dict (plain types and tensors only; ``torch.load(..., weights_only=True)`` reads it)::
+
+    {"format": "erf-lab-checkpoint", "version": 1, "arch": str, "arch_kwargs": dict,
+     "state_dict": ..., "data_spec": str, "class_names": [...], "size_bin_edges": [...] | None,
+     "normalization": {"mean": [...], "std": [...]}, "input_size": [C, H, W],
+     "metrics": {...}, "epoch": int, "versions": {...}, "train_args": {...},
+     "optimizer": ..., "scheduler": ..., "rng": {...}}
+"""
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .errors import ErfLabError
+
+CHECKPOINT_FORMAT = "erf-lab-checkpoint"
+CHECKPOINT_VERSION = 1
+HOLDOUT_FRACTIONS = (0.8, 0.1)  # train/val of a source without splits; test is the rest
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ---- files ----------------------------------------------------------------------------------
+def companion_paths(out_path: PathLike) -> Dict[str, Path]:
+    """``{"best": OUT, "last": OUT.last.pt, "metrics": OUT.metrics.json}`` (suffix ``.pt`` dropped)."""
+    out = Path(out_path)
+    stem = out.with_suffix("") if out.suffix in (".pt", ".pth") else out
+    return {"best": out, "last": Path(f"{stem}.last.pt"), "metrics": Path(f"{stem}.metrics.json")}
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(checkpoint: Dict[str, Any], path: PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
+    _atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (np.integer, np.floating)):
+        return _jsonable(value.item())
+    return value
+
+
+def write_json(obj: Dict[str, Any], path: PathLike) -> None:
+    """Strict JSON (infinities as ``"inf"``), written atomically."""
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def versions() -> Dict[str, str]:
+    from . import __version__
+
+    return {"erf_lab": str(__version__), "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+# ---- data -----------------------------------------------------------------------------------
+def _splits(data_spec: str, image_size, channels: int, seed: int, max_train: Optional[int],
+            max_eval: Optional[int], skip_bad: bool):
+    from .data import open_data
+
+    kw = dict(image_size=image_size, channels=channels, skip_bad=skip_bad, seed=seed)
+    train = open_data(data_spec, split="train", **kw)
+    if train.num_classes < 2 or (train.labels < 0).any():
+        raise ErfLabError(f"data {data_spec!r} is unlabelled (or has one class); training needs labels: "
+                          "class sub-folders, a COCO file, or digits-ms")
+    if getattr(train, "has_splits", True):
+        val = open_data(data_spec, split="val", **kw)
+        test = open_data(data_spec, split="test", **kw)
+        sets = {"train": train, "val": val, "test": test}
+        base = {k: np.arange(len(v)) for k, v in sets.items()}
+    else:
+        perm = np.random.default_rng([seed, 7]).permutation(len(train))
+        a = int(round(HOLDOUT_FRACTIONS[0] * len(perm)))
+        b = a + int(round(HOLDOUT_FRACTIONS[1] * len(perm)))
+        if b >= len(perm) or a == 0:
+            raise ErfLabError(f"data {data_spec!r}: {len(perm)} items are too few to hold out val and test sets")
+        sets = {"train": train, "val": train, "test": train}
+        base = {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
+    limits = {"train": max_train, "val": max_eval, "test": max_eval}
+    out = {}
+    for k, idx in base.items():
+        if limits[k] is not None and limits[k] < len(idx):
+            idx = np.sort(np.random.default_rng([seed, 8, len(k)]).choice(idx, limits[k], replace=False))
+        out[k] = Subset(sets[k], idx.tolist())
+    return train, out
+
+
+def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation of each image by up to ``max_shift`` pixels (edge pixels repeated)."""
+    if max_shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
+             num_workers: int = 0, desc: str = "eval", progress: bool = True) -> Dict[str, Any]:
+    """Loss, accuracy and accuracy per size bin of ``model`` on ``data`` (items as ``open_data``'s)."""
+    model.eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    total, correct, loss_sum = 0, 0, 0.0
+    bin_hits: Dict[int, List[int]] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        hit = (logits.argmax(1) == y).cpu()
+        correct += int(hit.sum())
+        total += len(y)
+        for b, h in zip(batch["size_bin"].tolist(), hit.tolist()):
+            bin_hits.setdefault(b, [0, 0])
+            bin_hits[b][0] += int(h)
+            bin_hits[b][1] += 1
+    per_bin = {str(b): c / n for b, (c, n) in sorted(bin_hits.items()) if b >= 0}
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1), "n": total, "acc_per_size_bin": per_bin}
+
+
+# ---- training -------------------------------------------------------------------------------
+def _lr_lambda(warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ErfLabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _load_resume(paths: Dict[str, Path]) -> Optional[Dict[str, Any]]:
+    for key in ("last", "best"):
+        if paths[key].is_file():
+            try:
+                ckpt = torch.load(paths[key], map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure is a bad file
+                raise ErfLabError(f"{paths[key]}: cannot read the checkpoint to resume ({type(exc).__name__}); "
+                                  "delete it or train without --resume") from None
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+                raise ErfLabError(f"{paths[key]}: not an erf-lab training checkpoint with optimizer state; "
+                                  "cannot resume from it")
+            return ckpt
+    return None
+
+
+def train(
+    arch: str,
+    op: str = "conv",
+    data_spec: str = "digits-ms",
+    epochs: int = 10,
+    out_path: PathLike = "checkpoint.pt",
+    *,
+    seed: int = 0,
+    device: Union[str, torch.device] = "cpu",
+    resume: bool = False,
+    lr: Optional[float] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    optimizer: str = "adamw",
+    weight_decay: Optional[float] = None,
+    warmup_epochs: float = 0.5,
+    label_smoothing: float = 0.0,
+    augment: bool = True,
+    image_size: Union[int, Sequence[int], None] = None,
+    channels: int = 3,
+    arch_kwargs: Optional[Dict[str, Any]] = None,
+    max_train_images: Optional[int] = None,
+    max_eval_images: Optional[int] = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train ``arch`` with operator ``op`` on ``data_spec``; write checkpoints; return the metrics.
+
+    Args:
+        arch: a ``dk_ops.models`` name (``study_net``, ``mobilenet_v2``, ``resnet50_dw``).
+        op: ``conv``, ``dcn``, ``condconv``, ``dk_global``, ``dk`` or ``dk_dcn``.
+        data_spec: any ``--data`` spec with labels (see :func:`erf_lab.data.open_data`).
+        epochs: total epochs (with ``resume``, the run continues up to this many).
+        out_path: the best checkpoint; ``.last.pt`` and ``.metrics.json`` go beside it.
+        seed: seeds the model initialisation, shuffling and augmentation.
+        device: ``cpu``, ``cuda[:i]`` or ``auto``.
+        resume: continue from ``OUT.last.pt`` (or ``OUT``) when it exists.
+        lr: peak learning rate (default 3e-3 for AdamW, 0.1 for SGD), scaled by ``batch_size / 64``.
+        batch_size, num_workers: of the training loader.
+        optimizer: ``adamw`` or ``sgd``.
+        weight_decay: default 0.05 (AdamW) or 5e-4 (SGD).
+        warmup_epochs: linear warm-up length, in epochs.
+        label_smoothing: of the cross-entropy loss.
+        augment: random shifts of up to 1/16 of the image side.
+        image_size, channels: passed to ``open_data``.
+        arch_kwargs: extra model arguments (e.g. ``{"width_mult": 0.5}``).
+        max_train_images, max_eval_images: seeded subsets, for quick runs.
+        skip_bad: skip undecodable images.
+        progress: tqdm bars and one line per epoch.
+
+    Returns:
+        the metrics dict (also in the checkpoint and ``OUT.metrics.json``): per-epoch
+        ``history``, ``best_epoch``, ``best_val_acc``, ``test_acc``, ``test_acc_per_size_bin``,
+        ``train_seconds`` (training and validation wall time, excluding the final test),
+        ``params`` and ``macs``.
+    """
+    from dk_ops import models
+
+    if op not in models.OPS:
+        raise ErfLabError(f"unknown op {op!r}; choose one of {', '.join(models.OPS)}")
+    if arch not in models.names():
+        raise ErfLabError(f"unknown arch {arch!r}; choose one of {', '.join(models.names())}")
+    if epochs < 1:
+        raise ErfLabError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ErfLabError(f"batch size must be >= 1, got {batch_size}")
+    optimizer = optimizer.lower()
+    if optimizer not in ("adamw", "sgd"):
+        raise ErfLabError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    dev = _resolve_device(device)
+    paths = companion_paths(out_path)
+    state = _load_resume(paths) if resume else None
+    if state is not None and (state["arch"], state["arch_kwargs"].get("op"), state["data_spec"]) != (arch, op, data_spec):
+        raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "
+                          f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another --out")
+
+    base, sets = _splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
+    h, w = base.image_size
+    torch.manual_seed(seed)
+    kwargs = dict(arch_kwargs or {})
+    if channels != 3:
+        kwargs.setdefault("in_chans", channels)
+    model = models.create(arch, op=op, num_classes=base.num_classes, **kwargs)
+    full_kwargs = dict(getattr(model, "arch_kwargs", dict(op=op, num_classes=base.num_classes, **kwargs)))
+    cx = models.complexity(model, input_size=(channels, h, w))
+    model.to(dev)
+
+    peak_lr = (lr if lr is not None else (3e-3 if optimizer == "adamw" else 0.1)) * (
+        1.0 if lr is not None else batch_size / 64)
+    wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = (torch.optim.AdamW(groups, lr=peak_lr) if optimizer == "adamw"
+           else torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, nesterov=True))
+    steps_per_epoch = math.ceil(len(sets["train"]) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(int(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch))
+
+    train_args = dict(optimizer=optimizer, lr=peak_lr, weight_decay=wd, batch_size=batch_size, epochs=epochs,
+                      warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
+                      max_train_images=max_train_images, max_eval_images=max_eval_images, device=str(dev))
+    metrics: Dict[str, Any] = {"history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0,
+                               "params": int(cx["params"]), "macs": int(cx["macs"]),
+                               "num_train": len(sets["train"]), "num_val": len(sets["val"]), "num_test": len(sets["test"])}
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        metrics = state["metrics"]
+        start_epoch = int(state["epoch"])
+
+    def checkpoint(epoch: int, with_state: bool) -> Dict[str, Any]:
+        ckpt: Dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "arch_kwargs": full_kwargs,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "data_spec": data_spec, "class_names": list(base.class_names),
+            "size_bin_edges": None if base.size_bin_edges is None else list(base.size_bin_edges),
+            "normalization": {"mean": list(base.mean), "std": list(base.std)},
+            "input_size": [channels, h, w], "metrics": json.loads(json.dumps(_jsonable(metrics))), "epoch": epoch,
+            "versions": versions(), "train_args": dict(train_args),
+        }
+        if with_state:
+            ckpt["optimizer"] = opt.state_dict()
+            ckpt["scheduler"] = sched.state_dict()
+            ckpt["rng"] = {"torch": torch.get_rng_state(), "seed": seed, "epoch": epoch}
+        return ckpt
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    max_shift = max(1, min(h, w) // 16) if augment else 0
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout-like randomness inside the model
+        gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
+        loader = DataLoader(sets["train"], batch_size=batch_size, shuffle=True, generator=gen,
+                            num_workers=num_workers, drop_last=len(sets["train"]) > batch_size)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, disable=not progress)
+        for batch in bar:
+            x = _shift(batch["image"], max_shift, gen).to(dev)
+            y = batch["label"].to(dev)
+            logits = model(x)
+            loss = criterion(logits, y)
+            if not torch.isfinite(loss):
+                raise ErfLabError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val = evaluate(model, sets["val"], device=dev, desc=f"epoch {epoch + 1}/{epochs} val", progress=progress)
+        seconds = time.perf_counter() - t0
+        metrics["train_seconds"] += seconds
+        metrics["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                                   "train_acc": correct / max(seen, 1), "val_loss": val["loss"],
+                                   "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+        improved = val["acc"] > metrics["best_val_acc"]
+        if improved:
+            metrics["best_epoch"], metrics["best_val_acc"] = epoch + 1, val["acc"]
+            save_checkpoint(checkpoint(epoch + 1, with_state=False), paths["best"])
+        save_checkpoint(checkpoint(epoch + 1, with_state=True), paths["last"])
+        write_json(metrics, paths["metrics"])
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.4f} "
+                       f"acc {correct / max(seen, 1):.4f} | val acc {val['acc']:.4f}"
+                       f"{' (best)' if improved else ''} | {seconds:.1f}s")
+
+    # test the best epoch, record it in the best checkpoint, the metrics JSON and the return value
+    best = torch.load(paths["best"], map_location="cpu", weights_only=True)
+    model.load_state_dict(best["state_dict"])
+    test = evaluate(model, sets["test"], device=dev, desc="test", progress=progress)
+    metrics.update(test_acc=test["acc"], test_loss=test["loss"], test_acc_per_size_bin=test["acc_per_size_bin"])
+    best["metrics"] = json.loads(json.dumps(_jsonable(metrics)))
+    save_checkpoint(best, paths["best"])
+    write_json(metrics, paths["metrics"])
+    return metrics
