@@ -187,10 +187,12 @@ def load_model(
             raise ErfLabError(f"{where}: cannot read the torch.export program ({type(exc).__name__})") from exc
         return LoadedModel(ep.module(), {}, "export", where)
     try:
-        obj = torch.load(str(p), map_location=map_location, weights_only=True)
+        # TorchVersion (what torch.__version__ is) is a plain str subclass: harmless to allow.
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            obj = torch.load(str(p), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only load failed" not in str(exc):
-            raise ErfLabError(f"{where}: not a readable PyTorch file (corrupt or truncated?)") from exc
+        if "Unsupported global" not in str(exc):  # garbage opcodes, not a refused class
+            raise ErfLabError(f"{where}: not a readable PyTorch file, corrupt or truncated (bad pickle data)") from exc
         if not trust:
             raise ErfLabError(f"{where} holds pickled Python objects that a safe load refuses; {TRUST_HELP}") from exc
         try:
