@@ -14,8 +14,6 @@ EXIT_USAGE = 2
 # Subcommands not built yet: (name, one-line help). Each section below removes its
 # names from here when it registers the real subcommand.
 _PLANNED = {
-    "tsne": "t-SNE of features coloured by class and box size (not implemented yet)",
-    "report": "rebuild an HTML report from saved results (not implemented yet)",
     "figures": "reproduce the paper's figures and tables (not implemented yet)",
 }
 
@@ -209,7 +207,66 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
 
 # ---- section: tsne / report (analyses) ------------------------------------------------------
 def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
-    """Registers tsne and report (not yet: they are in _PLANNED)."""
+    """Registers tsne and report (analyses.tsne does the work)."""
+    p = sub.add_parser("tsne", help="t-SNE of features coloured by class and box size, with clustering scores")
+    p.add_argument("--model", action="append", required=True, metavar="PATH",
+                   help="checkpoint (repeat to compare models on the same samples)")
+    p.add_argument("--name", action="append", metavar="NAME", help="display name per --model (default: file stem)")
+    p.add_argument("--arch", metavar="NAME", help="architecture for plain state_dicts: zoo name, torchvision:NAME, timm:NAME")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling: runs code stored in the file; only for files you trust")
+    p.add_argument("--layer", action="append", metavar="NAME",
+                   help="module to read (once for all models, or once per --model); default: the last conv stage")
+    p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: the checkpoint's, else digits-ms)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--image-size", metavar="N[,M]", help="input size (default: the checkpoint's, else the data's)")
+    p.add_argument("--pooling", default="gap", choices=["gap", "box"],
+                   help="global average pool, or bilinear mean inside each object's box")
+    p.add_argument("--max-samples", type=int, metavar="N", help="stratified subsample (class x size bin)")
+    p.add_argument("--color", default="class,size", help="panels: class, size or class,size")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--iterations", type=int, default=1000, help="t-SNE iterations (the first 250 early exaggeration)")
+    p.add_argument("--pca-dim", type=int, default=50, help="PCA dimensions before t-SNE")
+    p.add_argument("--backend", default="auto", choices=["auto", "sklearn", "opentsne"],
+                   help="t-SNE implementation (auto: openTSNE when installed)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--jobs", type=int, metavar="N", help="CPU threads for t-SNE and scores (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/tsne", metavar="DIR",
+                   help="writes DIR/index.html, scores.csv, embedding_<model>.csv, tsne_<model>.png, report.json")
+    p.add_argument("--save-features", action="store_true", help="also write DIR/features_<model>.npz")
+    p.add_argument("--no-progress", action="store_true")
+
+    def cmd_tsne(args: argparse.Namespace) -> int:
+        from analyses.tsne import run_tsne
+
+        result = run_tsne(
+            args.model, names=args.name, arch=args.arch, trust=args.trust_checkpoint, layer=args.layer,
+            data=args.data, split=args.split, image_size=args.image_size, pooling=args.pooling,
+            max_samples=args.max_samples, color=args.color, perplexity=args.perplexity, n_iter=args.iterations,
+            pca_dim=args.pca_dim, backend=args.backend, batch_size=args.batch_size, device=args.device,
+            n_jobs=args.jobs, seed=args.seed, out=args.out, save_features=args.save_features,
+            progress=not args.no_progress,
+        )
+        for line in result.summary():
+            print(line)
+        print(f"wrote {args.out}/index.html")
+        return 0
+
+    handlers["tsne"] = cmd_tsne
+
+    p = sub.add_parser("report", help="rebuild the t-SNE HTML report and figures from saved results")
+    p.add_argument("dir", metavar="DIR", help="a directory written by `erf-lab tsne`")
+    p.add_argument("--color", help="panels: class, size or class,size (default: as saved)")
+
+    def cmd_report(args: argparse.Namespace) -> int:
+        from analyses.tsne import rebuild_report
+
+        print(f"wrote {rebuild_report(args.dir, color=args.color)}")
+        return 0
+
+    handlers["report"] = cmd_report
 
 
 # ---- section: figures -----------------------------------------------------------------------

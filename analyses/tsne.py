@@ -84,6 +84,24 @@ class TSNEResult:
                 return m
         raise KeyError(f"no model named {name!r}; models: {', '.join(m.name for m in self.models)}")
 
+    def summary(self) -> List[str]:
+        """One line per model: kNN accuracy by class, size and size within class (features / t-SNE, chance)."""
+        df = self.scores
+        lines = []
+        for m in self.models:
+            parts = [f"{m.name}: n={len(m.coords)}"]
+            for lab in ("class", "size", "size|class"):
+                sel = df[(df.model == m.name) & (df.labels == lab)].set_index("space")
+                if len(sel):
+                    emb = sel.knn_acc.get("embedding", float("nan"))
+                    parts.append(f"{lab} kNN {sel.knn_acc.get('features', float('nan')):.3f}/{emb:.3f} "
+                                 f"(chance {sel.chance.iloc[0]:.3f})")
+            trust = df[(df.model == m.name) & (df.space == "embedding")].trustworthiness
+            if len(trust):
+                parts.append(f"trustworthiness {trust.iloc[0]:.3f}")
+            lines.append("  ".join(parts))
+        return lines
+
     # ---- plotting and rendering ----
     def plot(self, model: Optional[str] = None, color: Optional[Sequence[str]] = None):
         """A matplotlib ``Figure`` of one model's panels (the first model by default)."""
@@ -226,7 +244,7 @@ def run_tsne(
     layer: Union[None, str, Sequence[Optional[str]]] = None,
     data: Optional[str] = None,
     split: str = "test",
-    image_size: Union[None, int, Tuple[int, int]] = None,
+    image_size: Union[None, int, str, Tuple[int, int]] = None,
     pooling: str = "gap",
     max_samples: Optional[int] = None,
     color: Union[str, Sequence[str]] = COLORINGS,
@@ -252,7 +270,7 @@ def run_tsne(
         layer: one layer name for every model, one per model, or None (last convolutional stage).
         data: ``--data`` spec (default: the first checkpoint's data spec, else ``digits-ms``).
         split: data split.
-        image_size: input side or (H, W) (default: each checkpoint's input size, else the data's).
+        image_size: input side, (H, W) or ``"N[,M]"`` (default: each checkpoint's input size, else the data's).
         pooling: ``"gap"`` or ``"box"`` (see :mod:`analyses.features`).
         max_samples: stratified subsample (class x size bin), the same samples for every model.
         color: colourings drawn, ``"class,size"`` or a sequence.
@@ -293,6 +311,10 @@ def run_tsne(
             f"--max-samples {max_samples} is too few for t-SNE with perplexity {perplexity:g}: it needs at least "
             f"{min_samples_for(perplexity)} samples (3 x perplexity + 2); lower --perplexity or raise --max-samples"
         )
+    if isinstance(image_size, str):
+        from erf_lab.jobs import parse_size
+
+        image_size = parse_size(image_size)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     start = time.perf_counter()
