@@ -28,6 +28,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/record_function.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
@@ -44,6 +45,9 @@
 #define DK_HD inline
 #define DK_LAMBDA [=]
 #endif
+
+// A named scope in torch.profiler traces (no cost when the profiler is off).
+#define DK_PASS(name) RECORD_FUNCTION("dk_ops::" name, std::vector<c10::IValue>())
 
 namespace dk_ops {
 namespace detail {
@@ -109,12 +113,12 @@ DK_HD void bilinear(A py, A px, int64_t height, int64_t width, int32_t* idx, A* 
   }
 }
 
-// Kernel sampling point of tap t for kernel group gk at position pp of sample nk.
+// Kernel sampling point of tap t = (ti, tj) for kernel group gk at position pp of sample nk.
 template <typename A, typename T>
-DK_HD void kernel_bilinear(const Params& p, const T* dk, int64_t nk, int64_t gk, int64_t t, int64_t pp,
-                           int32_t* idx, A* w, A* dwy, A* dwx) {
-  A u = A((p.Sh - p.kh) * 0.5) + A(t / p.kw);
-  A v = A((p.Sw - p.kw) * 0.5) + A(t % p.kw);
+DK_HD void kernel_bilinear(const Params& p, const T* dk, int64_t nk, int64_t gk, int64_t t, int64_t ti, int64_t tj,
+                           int64_t pp, int32_t* idx, A* w, A* dwy, A* dwx) {
+  A u = A((p.Sh - p.kh) * 0.5) + A(ti);
+  A v = A((p.Sw - p.kw) * 0.5) + A(tj);
   if (p.has_dk) {
     const int64_t base = (nk * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.P + pp;
     u = u + A(dk[base]);
@@ -123,41 +127,25 @@ DK_HD void kernel_bilinear(const Params& p, const T* dk, int64_t nk, int64_t gk,
   bilinear(u, v, p.Sh, p.Sw, idx, w, dwy, dwx);
 }
 
-// Image sampling point of tap t for image group gi at position l of sample n.
+// Image sampling point of tap t = (ti, tj) for image group gi at output position (ho, wo) of sample n.
 template <typename A, typename T>
-DK_HD void image_bilinear(const Params& p, const T* off, int64_t n, int64_t gi, int64_t t, int64_t l, int32_t* idx,
-                          A* w, A* dwy, A* dwx) {
-  const int64_t ho = l / p.Wo, wo = l % p.Wo;
-  A py = A(ho * p.sth - p.ph + (t / p.kw) * p.dh);
-  A px = A(wo * p.stw - p.pw + (t % p.kw) * p.dw);
+DK_HD void image_bilinear(const Params& p, const T* off, int64_t n, int64_t gi, int64_t t, int64_t ti, int64_t tj,
+                          int64_t ho, int64_t wo, int32_t* idx, A* w, A* dwy, A* dwx) {
+  A py = A(ho * p.sth - p.ph + ti * p.dh);
+  A px = A(wo * p.stw - p.pw + tj * p.dw);
   if (p.has_off) {
-    const int64_t base = (n * 2 * p.Gi * p.K + 2 * (gi * p.K + t)) * p.L + l;
+    const int64_t base = (n * 2 * p.Gi * p.K + 2 * (gi * p.K + t)) * p.L + ho * p.Wo + wo;
     py = py + A(off[base]);
     px = px + A(off[base + p.L]);
   }
   bilinear(py, px, p.H, p.W, idx, w, dwy, dwx);
 }
 
-// Rigid (offset-free) sampling position: flat index or -1 when in the padding.
-DK_HD int64_t rigid_index(const Params& p, int64_t t, int64_t l) {
-  const int64_t y = (l / p.Wo) * p.sth - p.ph + (t / p.kw) * p.dh;
-  const int64_t x = (l % p.Wo) * p.stw - p.pw + (t % p.kw) * p.dw;
+// Rigid (offset-free) sampling position of tap (ti, tj) at (ho, wo): flat index, or -1 in the padding.
+DK_HD int64_t rigid_index(const Params& p, int64_t ti, int64_t tj, int64_t ho, int64_t wo) {
+  const int64_t y = ho * p.sth - p.ph + ti * p.dh;
+  const int64_t x = wo * p.stw - p.pw + tj * p.dw;
   return (y >= 0 && y < p.H && x >= 0 && x < p.W) ? y * p.W + x : -1;
-}
-
-// Sampled input value (before the mask) of channel plane `plane` at (t, l);
-// `ib` indexes the precomputed image corners of (n_local, gi, t, l) (x4).
-template <typename A, typename T>
-DK_HD A sample_input(const Params& p, const T* plane, const int32_t* iidx, const A* iw, int64_t ib, int64_t t,
-                     int64_t l) {
-  if (p.has_off) {
-    A s = A(0);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) s += iw[ib + q] * A(plane[iidx[ib + q]]);
-    return s;
-  }
-  const int64_t r = rigid_index(p, t, l);
-  return r >= 0 ? A(plane[r]) : A(0);
 }
 
 // Index (x4) of the kernel corners of (nk, gk, t, position l).
@@ -279,31 +267,45 @@ inline T* mut_ptr_or_null(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Steps shared by forward and backward.
+// Passes. Each is written as f(row, j0, j1) over a 2-D iteration space (rows x inner):
+// Exec::for_rows runs whole rows on the CPU (f(row, 0, inner), so row-invariant
+// index arithmetic happens once per row) and one element per thread on CUDA
+// (f(row, j, j + 1)); Exec::for_blocks hands out at most Exec::kBlock inner
+// elements at a time, so that passes reducing over channels keep per-position
+// accumulators in small local arrays and stream each channel's row contiguously.
 
 // Kernel corners for every (nk, gk, t, position).
 template <typename scalar_t, typename acc_t, typename Exec>
 void compute_kernel_corners(const Params& p, const scalar_t* dk, int32_t* kidx, acc_t* kwt) {
-  const int64_t total = p.Nk * p.Gk * p.K * p.P;
-  Exec::for_each(total, grain_for(16), DK_LAMBDA(int64_t i) {
-    const int64_t pp = i % p.P;
-    const int64_t t = (i / p.P) % p.K;
-    const int64_t gk = (i / (p.P * p.K)) % p.Gk;
-    const int64_t nk = i / (p.P * p.K * p.Gk);
-    kernel_bilinear<acc_t>(p, dk, nk, gk, t, pp, kidx + 4 * i, kwt + 4 * i, (acc_t*)nullptr, (acc_t*)nullptr);
+  DK_PASS("compute_kernel_corners");
+  Exec::for_rows(p.Nk * p.Gk * p.K, p.P, 16, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+    const int64_t t = row % p.K;
+    const int64_t gk = (row / p.K) % p.Gk;
+    const int64_t nk = row / (p.K * p.Gk);
+    const int64_t ti = t / p.kw, tj = t % p.kw;
+    for (int64_t pp = j0; pp < j1; ++pp) {
+      const int64_t i = row * p.P + pp;
+      kernel_bilinear<acc_t>(p, dk, nk, gk, t, ti, tj, pp, kidx + 4 * i, kwt + 4 * i, (acc_t*)nullptr,
+                             (acc_t*)nullptr);
+    }
   });
 }
 
 // Image corners of the chunk [n0, n0 + nb) for every (n, gi, t, l).
 template <typename scalar_t, typename acc_t, typename Exec>
 void compute_image_corners(const Params& p, const scalar_t* off, int64_t n0, int64_t nb, int32_t* iidx, acc_t* iw) {
-  const int64_t total = nb * p.Gi * p.K * p.L;
-  Exec::for_each(total, grain_for(16), DK_LAMBDA(int64_t i) {
-    const int64_t l = i % p.L;
-    const int64_t t = (i / p.L) % p.K;
-    const int64_t gi = (i / (p.L * p.K)) % p.Gi;
-    const int64_t n = i / (p.L * p.K * p.Gi);
-    image_bilinear<acc_t>(p, off, n0 + n, gi, t, l, iidx + 4 * i, iw + 4 * i, (acc_t*)nullptr, (acc_t*)nullptr);
+  DK_PASS("compute_image_corners");
+  Exec::for_rows(nb * p.Gi * p.K * p.Ho, p.Wo, 16, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+    const int64_t ho = row % p.Ho;
+    const int64_t t = (row / p.Ho) % p.K;
+    const int64_t gi = (row / (p.Ho * p.K)) % p.Gi;
+    const int64_t n = row / (p.Ho * p.K * p.Gi);
+    const int64_t ti = t / p.kw, tj = t % p.kw;
+    for (int64_t wo = j0; wo < j1; ++wo) {
+      const int64_t i = row * p.Wo + wo;
+      image_bilinear<acc_t>(p, off, n0 + n, gi, t, ti, tj, ho, wo, iidx + 4 * i, iw + 4 * i, (acc_t*)nullptr,
+                            (acc_t*)nullptr);
+    }
   });
 }
 
@@ -311,20 +313,34 @@ void compute_image_corners(const Params& p, const scalar_t* off, int64_t n0, int
 template <typename scalar_t, typename acc_t, typename Exec>
 void compute_columns(const Params& p, const scalar_t* x, const scalar_t* mask, int64_t n0, int64_t nb,
                      const int32_t* iidx, const acc_t* iw, acc_t* xs, acc_t* X) {
-  const int64_t total = nb * p.C * p.K * p.L;
-  Exec::for_each(total, grain_for(8), DK_LAMBDA(int64_t i) {
-    const int64_t l = i % p.L;
-    const int64_t t = (i / p.L) % p.K;
-    const int64_t c = (i / (p.L * p.K)) % p.C;
-    const int64_t n = i / (p.L * p.K * p.C);
+  DK_PASS("compute_columns");
+  Exec::for_rows(nb * p.C * p.K * p.Ho, p.Wo, 4, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+    const int64_t ho = row % p.Ho;
+    const int64_t t = (row / p.Ho) % p.K;
+    const int64_t c = (row / (p.Ho * p.K)) % p.C;
+    const int64_t n = row / (p.Ho * p.K * p.C);
+    const int64_t ti = t / p.kw, tj = t % p.kw;
     const scalar_t* plane = x + ((n0 + n) * p.C + c) * p.H * p.W;
-    const int64_t ib = (((n * p.Gi + c / p.Cig) * p.K + t) * p.L + l) * 4;
-    const acc_t v = sample_input<acc_t>(p, plane, iidx, iw, ib, t, l);
-    if (xs != X) xs[i] = v;
-    if (p.has_mask) {
-      X[i] = v * acc_t(mask[(((n0 + n) * p.Gm + c / p.Cmg) * p.K + t) * p.L + l]);
-    } else {
-      X[i] = v;
+    const int64_t ibase = (((n * p.Gi + c / p.Cig) * p.K + t) * p.L + ho * p.Wo) * 4;
+    const scalar_t* mrow = p.has_mask ? mask + (((n0 + n) * p.Gm + c / p.Cmg) * p.K + t) * p.L + ho * p.Wo : nullptr;
+    acc_t* xsr = xs + row * p.Wo;
+    acc_t* Xr = X + row * p.Wo;
+    for (int64_t wo = j0; wo < j1; ++wo) {
+      acc_t v;
+      if (p.has_off) {
+        const int64_t ib = ibase + 4 * wo;
+        v = iw[ib] * acc_t(plane[iidx[ib]]) + iw[ib + 1] * acc_t(plane[iidx[ib + 1]]) +
+            iw[ib + 2] * acc_t(plane[iidx[ib + 2]]) + iw[ib + 3] * acc_t(plane[iidx[ib + 3]]);
+      } else {
+        const int64_t r = rigid_index(p, ti, tj, ho, wo);
+        v = r >= 0 ? acc_t(plane[r]) : acc_t(0);
+      }
+      if (p.has_mask) {
+        xsr[wo] = v;
+        Xr[wo] = v * acc_t(mrow[wo]);
+      } else {
+        Xr[wo] = v;
+      }
     }
   });
 }
@@ -332,6 +348,7 @@ void compute_columns(const Params& p, const scalar_t* x, const scalar_t* mask, i
 // Sampled kernel Wk (Nk, Co, Cg, K) for kernel offsets constant over positions.
 template <typename scalar_t, typename acc_t, typename Exec>
 void compute_sampled_kernel(const Params& p, const scalar_t* w, const int32_t* kidx, const acc_t* kwt, acc_t* wk) {
+  DK_PASS("compute_sampled_kernel");
   const int64_t total = p.Nk * p.Co * p.Cg * p.K;
   Exec::for_each(total, grain_for(8), DK_LAMBDA(int64_t i) {
     const int64_t t = i % p.K;
@@ -347,25 +364,27 @@ void compute_sampled_kernel(const Params& p, const scalar_t* w, const int32_t* k
   });
 }
 
-// Scattered columns Z (nb, Cg, S, L) of conv group g for kernel group gk; each item
-// owns the column Z[n, c, :, l].
+// Scattered columns Z (nb, Cg*S, L) of conv group g for kernel group gk; each element
+// (n, c, l) owns the column Z[n, c, :, l].
 template <typename scalar_t, typename acc_t, typename Exec>
 void compute_scattered(const Params& p, int64_t g, int64_t gk, int64_t n0, int64_t nb, const acc_t* X,
                        const int32_t* kidx, const acc_t* kwt, acc_t* Z) {
-  const int64_t total = nb * p.Cg * p.L;
-  Exec::for_each(total, grain_for(4 * p.K + p.S), DK_LAMBDA(int64_t i) {
-    const int64_t l = i % p.L;
-    const int64_t c = (i / p.L) % p.Cg;
-    const int64_t n = i / (p.L * p.Cg);
-    acc_t* z = Z + (n * p.Cg + c) * p.S * p.L + l;
-    for (int64_t s = 0; s < p.S; ++s) z[s * p.L] = acc_t(0);
-    const acc_t* xr = X + ((n * p.C + g * p.Cg + c) * p.K) * p.L + l;
+  DK_PASS("compute_scattered");
+  Exec::for_rows(nb * p.Cg, p.L, 4 * p.K + p.S, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+    const int64_t c = row % p.Cg;
+    const int64_t n = row / p.Cg;
     const int64_t nk = p.Nk == 1 ? 0 : n0 + n;
+    acc_t* zr = Z + row * p.S * p.L;
+    const acc_t* xr = X + ((n * p.C + g * p.Cg + c) * p.K) * p.L;
+    for (int64_t s = 0; s < p.S; ++s)
+      for (int64_t l = j0; l < j1; ++l) zr[s * p.L + l] = acc_t(0);
     for (int64_t t = 0; t < p.K; ++t) {
-      const acc_t xv = xr[t * p.L];
-      const int64_t kb = kcorner_base(p, nk, gk, t, l);
+      for (int64_t l = j0; l < j1; ++l) {
+        const acc_t xv = xr[t * p.L + l];
+        const int64_t kb = kcorner_base(p, nk, gk, t, l);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) z[int64_t(kidx[kb + q]) * p.L] += kwt[kb + q] * xv;
+        for (int q = 0; q < 4; ++q) zr[int64_t(kidx[kb + q]) * p.L + l] += kwt[kb + q] * xv;
+      }
     }
   });
 }
@@ -392,9 +411,10 @@ template <typename scalar_t, typename Exec>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& dk, const at::Tensor& off,
                         const at::Tensor& mask, const at::Tensor& bias, const Params& p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int B = Exec::kBlock;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   auto acc_opts = input.options().dtype(acc_dtype);
-  at::Tensor y = at::zeros({p.N, p.Co, p.L}, acc_opts);
+  at::Tensor y = at::empty({p.N, p.Co, p.L}, acc_opts);
   if (p.N == 0) return y.view({p.N, p.Co, p.Ho, p.Wo}).to(input.scalar_type());
 
   const scalar_t* x = input.data_ptr<scalar_t>();
@@ -428,24 +448,30 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       at::Tensor wk_chunk = p.Nk == 1 ? wk : wk.narrow(0, n0, nb);
       y_chunk.view({nb, p.G, p.Cog, p.L}).copy_(at::matmul(wk_chunk, X.view({nb, p.G, p.Cg * p.K, p.L})));
     } else if (p.Cg == 1) {
+      // Depthwise, local kernel offsets: direct kernel.
+      DK_PASS("dw_forward");
       acc_t* yp = y_chunk.data_ptr<acc_t>();
       const acc_t* Xp = X.data_ptr<acc_t>();
-      Exec::for_each(nb * p.Co * p.L, grain_for(5 * p.K), DK_LAMBDA(int64_t i) {
-        const int64_t l = i % p.L;
-        const int64_t o = (i / p.L) % p.Co;
-        const int64_t n = i / (p.L * p.Co);
+      Exec::for_blocks(nb * p.Co, p.L, 5 * p.K, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+        const int64_t o = row % p.Co;
+        const int64_t n = row / p.Co;
         const int64_t c = o / p.Cog;  // depthwise: conv group == input channel
-        const acc_t* xr = Xp + (n * p.C + c) * p.K * p.L + l;
+        const int64_t gk = o / p.Cok;
+        const acc_t* xr = Xp + (n * p.C + c) * p.K * p.L;
         const scalar_t* wo = w + o * p.S;
-        acc_t acc = acc_t(0);
+        acc_t acc[B];
+        for (int64_t j = 0; j < j1 - j0; ++j) acc[j] = acc_t(0);
         for (int64_t t = 0; t < p.K; ++t) {
-          const int64_t kb = kcorner_base(p, n0 + n, o / p.Cok, t, l);
-          acc_t wv = acc_t(0);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) wv += kwt[kb + q] * acc_t(wo[kidx[kb + q]]);
-          acc += wv * xr[t * p.L];
+          const int64_t kb0 = kcorner_base(p, n0 + n, gk, t, 0);
+          for (int64_t j = 0; j < j1 - j0; ++j) {
+            const int64_t l = j0 + j;
+            const int64_t kb = kb0 + 4 * l;
+            const acc_t wv = kwt[kb] * acc_t(wo[kidx[kb]]) + kwt[kb + 1] * acc_t(wo[kidx[kb + 1]]) +
+                             kwt[kb + 2] * acc_t(wo[kidx[kb + 2]]) + kwt[kb + 3] * acc_t(wo[kidx[kb + 3]]);
+            acc[j] += wv * xr[t * p.L + l];
+          }
         }
-        yp[i] = acc;
+        for (int64_t j = 0; j < j1 - j0; ++j) yp[row * p.L + j0 + j] = acc[j];
       });
     } else {
       at::Tensor Z = at::empty({nb, p.Cg * p.S, p.L}, acc_opts);
@@ -469,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& dk,
     const at::Tensor& off, const at::Tensor& mask, const Params& p, std::array<bool, 6> need) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int B = Exec::kBlock;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   auto acc_opts = input.options().dtype(acc_dtype);
   const auto dtype = input.scalar_type();
@@ -482,8 +509,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_in = need_in ? at::zeros({p.N, p.C, p.H, p.W}, acc_opts) : at::Tensor();
   at::Tensor g_w = need_w ? at::zeros({p.Co, p.Cg * p.S}, acc_opts) : at::Tensor();
   at::Tensor g_dk = need_dk ? at::zeros(dk.sizes(), acc_opts) : at::Tensor();
-  at::Tensor g_off = need_off ? at::zeros(off.sizes(), acc_opts) : at::Tensor();
-  at::Tensor g_mask = need_mask ? at::zeros(mask.sizes(), acc_opts) : at::Tensor();
+  at::Tensor g_off = need_off ? at::empty(off.sizes(), acc_opts) : at::Tensor();
+  at::Tensor g_mask = need_mask ? at::empty(mask.sizes(), acc_opts) : at::Tensor();
   at::Tensor g_bias;
   if (need[5]) g_bias = grad.to(acc_dtype).sum(at::IntArrayRef{0, 2, 3});
 
@@ -528,7 +555,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                              X.data_ptr<acc_t>());
       const acc_t* Xp = X.data_ptr<acc_t>();
       const acc_t* xsp = xs.data_ptr<acc_t>();
-      at::Tensor gX = need_gx ? at::zeros({nb, p.C, p.K, p.L}, acc_opts) : at::Tensor();
+      // gX is accumulated over (conv group, kernel group) pairs only in the general local path.
+      const bool gx_accumulates = p.P != 1 && p.Cg != 1;
+      at::Tensor gX;
+      if (need_gx) {
+        gX = gx_accumulates ? at::zeros({nb, p.C, p.K, p.L}, acc_opts) : at::empty({nb, p.C, p.K, p.L}, acc_opts);
+      }
       acc_t* gXp = mut_ptr_or_null<acc_t>(gX);
 
       if (p.P == 1) {
@@ -540,6 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::Tensor gwk = at::matmul(gy4, X4.transpose(-1, -2)).contiguous();  // (nb, G, Cog, Cg*K)
           const acc_t* gwkp = gwk.data_ptr<acc_t>();
           if (need_w) {
+            DK_PASS("gw_from_wk");
             // Each item owns gW[o, c, :]; samples in a fixed order (deterministic).
             Exec::for_each(p.Co * p.Cg, grain_for(nb * p.K * 4), DK_LAMBDA(int64_t i) {
               const int64_t c = i % p.Cg;
@@ -557,13 +590,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             });
           }
           if (need_dk) {  // global kernel offsets (N, 2*Gk*K)
+            DK_PASS("gdk_global");
             Exec::for_each(nb * p.Gk * p.K, 1, DK_LAMBDA(int64_t i) {
               const int64_t t = i % p.K;
               const int64_t gk = (i / p.K) % p.Gk;
               const int64_t n = i / (p.K * p.Gk);
               int32_t ci[4];
               acc_t cw[4], cy[4], cx[4];
-              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, 0, ci, cw, cy, cx);
+              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, t / p.kw, t % p.kw, 0, ci, cw, cy, cx);
               acc_t gu = acc_t(0), gv = acc_t(0);
               for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
                 for (int64_t c = 0; c < p.Cg; ++c) {
@@ -591,52 +625,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       } else if (p.Cg == 1) {
         // Depthwise, local kernel offsets: direct kernels.
-        if (need_w) Exec::template gw_depthwise<scalar_t, acc_t>(p, n0, nb, gyp, Xp, kidx, kwt, gwp);
+        if (need_w) {
+          DK_PASS("gw_depthwise");
+          Exec::template gw_depthwise<scalar_t, acc_t>(p, n0, nb, gyp, Xp, kidx, kwt, gwp);
+        }
         if (need_dk) {
-          Exec::for_each(nb * p.Gk * p.K * p.L, grain_for(p.Cok * 6), DK_LAMBDA(int64_t i) {
-            const int64_t l = i % p.L;
-            const int64_t t = (i / p.L) % p.K;
-            const int64_t gk = (i / (p.L * p.K)) % p.Gk;
-            const int64_t n = i / (p.L * p.K * p.Gk);
-            int32_t ci[4];
-            acc_t cw[4], cy[4], cx[4];
-            kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, l, ci, cw, cy, cx);
-            acc_t gu = acc_t(0), gv = acc_t(0);
+          DK_PASS("gdk_depthwise");
+          Exec::for_blocks(nb * p.Gk * p.K, p.L, p.Cok * 6, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+            const int64_t t = row % p.K;
+            const int64_t gk = (row / p.K) % p.Gk;
+            const int64_t n = row / (p.K * p.Gk);
+            const int64_t ti = t / p.kw, tj = t % p.kw;
+            const int64_t nj = j1 - j0;
+            int32_t ci[B][4];
+            acc_t cy[B][4], cx[B][4], gu[B], gv[B];
+            for (int64_t j = 0; j < nj; ++j) {
+              acc_t cw[4];
+              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, ti, tj, j0 + j, ci[j], cw, cy[j], cx[j]);
+              gu[j] = acc_t(0);
+              gv[j] = acc_t(0);
+            }
             for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
               const int64_t c = o / p.Cog;
-              const acc_t gr = gyp[(n * p.Co + o) * p.L + l] * Xp[((n * p.C + c) * p.K + t) * p.L + l];
+              const acc_t* gyr = gyp + (n * p.Co + o) * p.L + j0;
+              const acc_t* xr = Xp + ((n * p.C + c) * p.K + t) * p.L + j0;
               const scalar_t* plane = w + o * p.S;
-              acc_t du = acc_t(0), dv = acc_t(0);
+              for (int64_t j = 0; j < nj; ++j) {
+                const acc_t gr = gyr[j] * xr[j];
+                acc_t du = acc_t(0), dv = acc_t(0);
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const acc_t wv = acc_t(plane[ci[q]]);
-                du += cy[q] * wv;
-                dv += cx[q] * wv;
+                for (int q = 0; q < 4; ++q) {
+                  const acc_t wv = acc_t(plane[ci[j][q]]);
+                  du += cy[j][q] * wv;
+                  dv += cx[j][q] * wv;
+                }
+                gu[j] += gr * du;
+                gv[j] += gr * dv;
               }
-              gu += gr * du;
-              gv += gr * dv;
             }
-            const int64_t base = ((n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.L + l;
-            gdkp[base] = gu;
-            gdkp[base + p.L] = gv;
+            const int64_t base = ((n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.L + j0;
+            for (int64_t j = 0; j < nj; ++j) {
+              gdkp[base + j] = gu[j];
+              gdkp[base + p.L + j] = gv[j];
+            }
           });
         }
         if (need_gx) {
-          Exec::for_each(nb * p.C * p.K * p.L, grain_for(p.Cog * 6), DK_LAMBDA(int64_t i) {
-            const int64_t l = i % p.L;
-            const int64_t t = (i / p.L) % p.K;
-            const int64_t c = (i / (p.L * p.K)) % p.C;
-            const int64_t n = i / (p.L * p.K * p.C);
-            acc_t s = acc_t(0);
+          DK_PASS("gX_depthwise");
+          Exec::for_blocks(nb * p.C * p.K, p.L, p.Cog * 6, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+            const int64_t t = row % p.K;
+            const int64_t c = (row / p.K) % p.C;
+            const int64_t n = row / (p.K * p.C);
+            const int64_t nj = j1 - j0;
+            acc_t s[B];
+            for (int64_t j = 0; j < nj; ++j) s[j] = acc_t(0);
             for (int64_t o = c * p.Cog; o < (c + 1) * p.Cog; ++o) {
-              const int64_t kb = kcorner_base(p, n0 + n, o / p.Cok, t, l);
+              const int64_t kb0 = kcorner_base(p, n0 + n, o / p.Cok, t, 0);
               const scalar_t* plane = w + o * p.S;
-              acc_t wv = acc_t(0);
-#pragma unroll
-              for (int q = 0; q < 4; ++q) wv += kwt[kb + q] * acc_t(plane[kidx[kb + q]]);
-              s += wv * gyp[(n * p.Co + o) * p.L + l];
+              const acc_t* gyr = gyp + (n * p.Co + o) * p.L;
+              for (int64_t j = 0; j < nj; ++j) {
+                const int64_t l = j0 + j;
+                const int64_t kb = kb0 + 4 * l;
+                const acc_t wv = kwt[kb] * acc_t(plane[kidx[kb]]) + kwt[kb + 1] * acc_t(plane[kidx[kb + 1]]) +
+                                 kwt[kb + 2] * acc_t(plane[kidx[kb + 2]]) + kwt[kb + 3] * acc_t(plane[kidx[kb + 3]]);
+                s[j] += wv * gyr[l];
+              }
             }
-            gXp[i] = s;
+            for (int64_t j = 0; j < nj; ++j) gXp[row * p.L + j0 + j] = s[j];
           });
         }
       } else {
@@ -654,44 +709,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const acc_t* gZp = gZ.data_ptr<acc_t>();
           const int64_t g = pr.g, gk = pr.gk;
           if (need_gx) {
-            Exec::for_each(nb * p.Cg * p.K * p.L, grain_for(8), DK_LAMBDA(int64_t i) {
-              const int64_t l = i % p.L;
-              const int64_t t = (i / p.L) % p.K;
-              const int64_t c = (i / (p.L * p.K)) % p.Cg;
-              const int64_t n = i / (p.L * p.K * p.Cg);
-              const int64_t kb = kcorner_base(p, p.Nk == 1 ? 0 : n0 + n, gk, t, l);
-              const acc_t* gz = gZp + (n * p.Cg + c) * p.S * p.L + l;
-              acc_t s = acc_t(0);
+            DK_PASS("gX_scattered");
+            Exec::for_rows(nb * p.Cg * p.K, p.L, 8, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+              const int64_t t = row % p.K;
+              const int64_t c = (row / p.K) % p.Cg;
+              const int64_t n = row / (p.K * p.Cg);
+              const int64_t kb0 = kcorner_base(p, p.Nk == 1 ? 0 : n0 + n, gk, t, 0);
+              const acc_t* gz = gZp + (n * p.Cg + c) * p.S * p.L;
+              acc_t* gxr = gXp + ((n * p.C + g * p.Cg + c) * p.K + t) * p.L;
+              for (int64_t l = j0; l < j1; ++l) {
+                const int64_t kb = kb0 + 4 * l;
+                acc_t s = acc_t(0);
 #pragma unroll
-              for (int q = 0; q < 4; ++q) s += kwt[kb + q] * gz[int64_t(kidx[kb + q]) * p.L];
-              gXp[((n * p.C + g * p.Cg + c) * p.K + t) * p.L + l] += s;
+                for (int q = 0; q < 4; ++q) s += kwt[kb + q] * gz[int64_t(kidx[kb + q]) * p.L + l];
+                gxr[l] += s;
+              }
             });
           }
           if (need_dk) {
-            Exec::for_each(nb * p.K * p.L, grain_for(p.Cg * 10), DK_LAMBDA(int64_t i) {
-              const int64_t l = i % p.L;
-              const int64_t t = (i / p.L) % p.K;
-              const int64_t n = i / (p.L * p.K);
-              int32_t ci[4];
-              acc_t cw[4], cy[4], cx[4];
-              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, l, ci, cw, cy, cx);
-              acc_t gu = acc_t(0), gv = acc_t(0);
-              for (int64_t c = 0; c < p.Cg; ++c) {
-                const acc_t xv = Xp[((n * p.C + g * p.Cg + c) * p.K + t) * p.L + l];
-                const acc_t* gz = gZp + (n * p.Cg + c) * p.S * p.L + l;
-                acc_t du = acc_t(0), dv = acc_t(0);
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  const acc_t zv = gz[int64_t(ci[q]) * p.L];
-                  du += cy[q] * zv;
-                  dv += cx[q] * zv;
-                }
-                gu += xv * du;
-                gv += xv * dv;
+            DK_PASS("gdk_scattered");
+            Exec::for_blocks(nb * p.K, p.L, p.Cg * 10, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+              const int64_t t = row % p.K;
+              const int64_t n = row / p.K;
+              const int64_t ti = t / p.kw, tj = t % p.kw;
+              const int64_t nj = j1 - j0;
+              int32_t ci[B][4];
+              acc_t cy[B][4], cx[B][4], gu[B], gv[B];
+              for (int64_t j = 0; j < nj; ++j) {
+                acc_t cw[4];
+                kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, ti, tj, j0 + j, ci[j], cw, cy[j], cx[j]);
+                gu[j] = acc_t(0);
+                gv[j] = acc_t(0);
               }
-              const int64_t base = ((n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.L + l;
-              gdkp[base] += gu;
-              gdkp[base + p.L] += gv;
+              for (int64_t c = 0; c < p.Cg; ++c) {
+                const acc_t* xr = Xp + ((n * p.C + g * p.Cg + c) * p.K + t) * p.L + j0;
+                const acc_t* gz = gZp + (n * p.Cg + c) * p.S * p.L + j0;
+                for (int64_t j = 0; j < nj; ++j) {
+                  acc_t du = acc_t(0), dv = acc_t(0);
+#pragma unroll
+                  for (int q = 0; q < 4; ++q) {
+                    const acc_t zv = gz[int64_t(ci[j][q]) * p.L + j];
+                    du += cy[j][q] * zv;
+                    dv += cx[j][q] * zv;
+                  }
+                  gu[j] += xr[j] * du;
+                  gv[j] += xr[j] * dv;
+                }
+              }
+              const int64_t base = ((n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.L + j0;
+              for (int64_t j = 0; j < nj; ++j) {
+                gdkp[base + j] += gu[j];
+                gdkp[base + p.L + j] += gv[j];
+              }
             });
           }
         }
@@ -699,55 +768,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
       // Image side: mask, input and image-offset gradients from gX (the columns' gradient).
       if (need_mask) {
-        Exec::for_each(nb * p.Gm * p.K * p.L, grain_for(p.Cmg * 2), DK_LAMBDA(int64_t i) {
-          const int64_t l = i % p.L;
-          const int64_t t = (i / p.L) % p.K;
-          const int64_t gm = (i / (p.L * p.K)) % p.Gm;
-          const int64_t n = i / (p.L * p.K * p.Gm);
-          acc_t s = acc_t(0);
+        DK_PASS("grad_mask");
+        Exec::for_blocks(nb * p.Gm * p.K, p.L, p.Cmg * 2, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+          const int64_t t = row % p.K;
+          const int64_t gm = (row / p.K) % p.Gm;
+          const int64_t n = row / (p.K * p.Gm);
+          const int64_t nj = j1 - j0;
+          acc_t s[B];
+          for (int64_t j = 0; j < nj; ++j) s[j] = acc_t(0);
           for (int64_t c = gm * p.Cmg; c < (gm + 1) * p.Cmg; ++c) {
-            const int64_t j = ((n * p.C + c) * p.K + t) * p.L + l;
-            s += gXp[j] * xsp[j];
+            const int64_t r = ((n * p.C + c) * p.K + t) * p.L + j0;
+            for (int64_t j = 0; j < nj; ++j) s[j] += gXp[r + j] * xsp[r + j];
           }
-          gmaskp[(((n0 + n) * p.Gm + gm) * p.K + t) * p.L + l] = s;
+          acc_t* out = gmaskp + (((n0 + n) * p.Gm + gm) * p.K + t) * p.L + j0;
+          for (int64_t j = 0; j < nj; ++j) out[j] = s[j];
         });
       }
       if (p.has_mask && (need_in || need_off)) {
-        Exec::for_each(nb * p.C * p.K * p.L, grain_for(2), DK_LAMBDA(int64_t i) {
-          const int64_t l = i % p.L;
-          const int64_t t = (i / p.L) % p.K;
-          const int64_t c = (i / (p.L * p.K)) % p.C;
-          const int64_t n = i / (p.L * p.K * p.C);
-          gXp[i] *= acc_t(maskp[(((n0 + n) * p.Gm + c / p.Cmg) * p.K + t) * p.L + l]);
+        DK_PASS("apply_mask");
+        Exec::for_rows(nb * p.C * p.K, p.L, 2, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+          const int64_t t = row % p.K;
+          const int64_t c = (row / p.K) % p.C;
+          const int64_t n = row / (p.K * p.C);
+          const scalar_t* mr = maskp + (((n0 + n) * p.Gm + c / p.Cmg) * p.K + t) * p.L;
+          acc_t* gr = gXp + row * p.L;
+          for (int64_t l = j0; l < j1; ++l) gr[l] *= acc_t(mr[l]);
         });
       }
-      if (need_in) Exec::template scatter_input<acc_t>(p, n0, nb, gXp, iidxp, iwp, ginp);
+      if (need_in) {
+        DK_PASS("scatter_input");
+        Exec::template scatter_input<acc_t>(p, n0, nb, gXp, iidxp, iwp, ginp);
+      }
       if (need_off) {
-        Exec::for_each(nb * p.Gi * p.K * p.L, grain_for(p.Cig * 10), DK_LAMBDA(int64_t i) {
-          const int64_t l = i % p.L;
-          const int64_t t = (i / p.L) % p.K;
-          const int64_t gi = (i / (p.L * p.K)) % p.Gi;
-          const int64_t n = i / (p.L * p.K * p.Gi);
-          int32_t ci[4];
-          acc_t cw[4], cy[4], cx[4];
-          image_bilinear<acc_t>(p, offp, n0 + n, gi, t, l, ci, cw, cy, cx);
-          acc_t gu = acc_t(0), gv = acc_t(0);
-          for (int64_t c = gi * p.Cig; c < (gi + 1) * p.Cig; ++c) {
-            const acc_t gv_c = gXp[((n * p.C + c) * p.K + t) * p.L + l];
-            const scalar_t* plane = x + ((n0 + n) * p.C + c) * p.H * p.W;
-            acc_t du = acc_t(0), dv = acc_t(0);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const acc_t xv = acc_t(plane[ci[q]]);
-              du += cy[q] * xv;
-              dv += cx[q] * xv;
-            }
-            gu += gv_c * du;
-            gv += gv_c * dv;
+        DK_PASS("grad_offset");
+        Exec::for_blocks(nb * p.Gi * p.K * p.Ho, p.Wo, p.Cig * 10, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+          const int64_t ho = row % p.Ho;
+          const int64_t t = (row / p.Ho) % p.K;
+          const int64_t gi = (row / (p.Ho * p.K)) % p.Gi;
+          const int64_t n = row / (p.Ho * p.K * p.Gi);
+          const int64_t ti = t / p.kw, tj = t % p.kw;
+          const int64_t nj = j1 - j0;
+          int32_t ci[B][4];
+          acc_t cy[B][4], cx[B][4], gu[B], gv[B];
+          for (int64_t j = 0; j < nj; ++j) {
+            acc_t cw[4];
+            image_bilinear<acc_t>(p, offp, n0 + n, gi, t, ti, tj, ho, j0 + j, ci[j], cw, cy[j], cx[j]);
+            gu[j] = acc_t(0);
+            gv[j] = acc_t(0);
           }
-          const int64_t base = ((n0 + n) * 2 * p.Gi * p.K + 2 * (gi * p.K + t)) * p.L + l;
-          goffp[base] = gu;
-          goffp[base + p.L] = gv;
+          for (int64_t c = gi * p.Cig; c < (gi + 1) * p.Cig; ++c) {
+            const acc_t* gr = gXp + ((n * p.C + c) * p.K + t) * p.L + ho * p.Wo + j0;
+            const scalar_t* plane = x + ((n0 + n) * p.C + c) * p.H * p.W;
+            for (int64_t j = 0; j < nj; ++j) {
+              acc_t du = acc_t(0), dv = acc_t(0);
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const acc_t xv = acc_t(plane[ci[j][q]]);
+                du += cy[j][q] * xv;
+                dv += cx[j][q] * xv;
+              }
+              gu[j] += gr[j] * du;
+              gv[j] += gr[j] * dv;
+            }
+          }
+          const int64_t base = ((n0 + n) * 2 * p.Gi * p.K + 2 * (gi * p.K + t)) * p.L + ho * p.Wo + j0;
+          for (int64_t j = 0; j < nj; ++j) {
+            goffp[base + j] = gu[j];
+            goffp[base + p.L + j] = gv[j];
+          }
         });
       }
     }

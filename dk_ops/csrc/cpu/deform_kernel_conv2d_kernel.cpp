@@ -14,6 +14,7 @@ namespace {
 using detail::Params;
 
 struct CpuExec {
+  static constexpr int kBlock = 64;
   static int64_t chunk_budget() { return int64_t(64) << 20; }
 
   template <typename F>
@@ -21,6 +22,30 @@ struct CpuExec {
     if (count <= 0) return;
     at::parallel_for(0, count, grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) f(i);
+    });
+  }
+
+  // f(row, 0, inner) for every row.
+  template <typename F>
+  static void for_rows(int64_t rows, int64_t inner, int64_t work, const F& f) {
+    if (rows <= 0 || inner <= 0) return;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner * work));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) f(r, 0, inner);
+    });
+  }
+
+  // f(row, j0, j1) over blocks of at most kBlock inner elements.
+  template <typename F>
+  static void for_blocks(int64_t rows, int64_t inner, int64_t work, const F& f) {
+    if (rows <= 0 || inner <= 0) return;
+    const int64_t nblk = (inner + kBlock - 1) / kBlock;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kBlock * work));
+    at::parallel_for(0, rows * nblk, grain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = i / nblk, j0 = (i % nblk) * kBlock;
+        f(r, j0, std::min(inner, j0 + kBlock));
+      }
     });
   }
 
@@ -63,14 +88,28 @@ struct CpuExec {
         acc_t* plane = gin + ((n0 + n) * p.C + c) * p.H * p.W;
         const acc_t* gr = gX + nc * p.K * p.L;
         for (int64_t t = 0; t < p.K; ++t) {
-          for (int64_t l = 0; l < p.L; ++l) {
-            const acc_t v = gr[t * p.L + l];
+          const int64_t ti = t / p.kw, tj = t % p.kw;
+          const int64_t ib0 = ((n * p.Gi + c / p.Cig) * p.K + t) * p.L * 4;
+          for (int64_t ho = 0; ho < p.Ho; ++ho) {
+            const acc_t* grow = gr + t * p.L + ho * p.Wo;
             if (p.has_off) {
-              const int64_t ib = (((n * p.Gi + c / p.Cig) * p.K + t) * p.L + l) * 4;
-              for (int q = 0; q < 4; ++q) plane[iidx[ib + q]] += iw[ib + q] * v;
+              const int32_t* ii = iidx + ib0 + ho * p.Wo * 4;
+              const acc_t* ww = iw + ib0 + ho * p.Wo * 4;
+              for (int64_t wo = 0; wo < p.Wo; ++wo) {
+                const acc_t v = grow[wo];
+                plane[ii[4 * wo + 0]] += ww[4 * wo + 0] * v;
+                plane[ii[4 * wo + 1]] += ww[4 * wo + 1] * v;
+                plane[ii[4 * wo + 2]] += ww[4 * wo + 2] * v;
+                plane[ii[4 * wo + 3]] += ww[4 * wo + 3] * v;
+              }
             } else {
-              const int64_t r = detail::rigid_index(p, t, l);
-              if (r >= 0) plane[r] += v;
+              const int64_t y = ho * p.sth - p.ph + ti * p.dh;
+              if (y < 0 || y >= p.H) continue;
+              acc_t* prow = plane + y * p.W;
+              for (int64_t wo = 0; wo < p.Wo; ++wo) {
+                const int64_t xx = wo * p.stw - p.pw + tj * p.dw;
+                if (xx >= 0 && xx < p.W) prow[xx] += grow[wo];
+              }
             }
           }
         }

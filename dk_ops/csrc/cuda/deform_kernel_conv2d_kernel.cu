@@ -30,6 +30,17 @@ __global__ void for_each_kernel(int64_t count, F f) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) f(i);
 }
 
+// One thread per (row, j): f(row, j, j + 1).
+template <typename F>
+__global__ void for_rows_kernel(int64_t rows, int64_t inner, F f) {
+  const int64_t count = rows * inner;
+  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    const int64_t r = i / inner, j = i - r * inner;
+    f(r, j, j + 1);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void gw_depthwise_kernel(Params p, int64_t n0, int64_t nb, const acc_t* __restrict__ gy,
                                     const acc_t* __restrict__ X, const int32_t* __restrict__ kidx,
@@ -80,7 +91,7 @@ __global__ void scatter_input_kernel(Params p, int64_t n0, int64_t nb, const acc
         if (wq != acc_t(0)) atomicAdd(plane + iidx[ib + q], wq * v);
       }
     } else {
-      const int64_t r = detail::rigid_index(p, t, l);
+      const int64_t r = detail::rigid_index(p, t / p.kw, t % p.kw, l / p.Wo, l % p.Wo);
       if (r >= 0) atomicAdd(plane + r, v);
     }
   }
@@ -92,7 +103,20 @@ int64_t blocks_for(int64_t count) {
 }
 
 struct CudaExec {
+  static constexpr int kBlock = 1;
   static int64_t chunk_budget() { return int64_t(1) << 30; }
+
+  template <typename F>
+  static void for_rows(int64_t rows, int64_t inner, int64_t /*work*/, F f) {
+    if (rows <= 0 || inner <= 0) return;
+    for_rows_kernel<<<blocks_for(rows * inner), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(rows, inner, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename F>
+  static void for_blocks(int64_t rows, int64_t inner, int64_t work, F f) {
+    for_rows(rows, inner, work, f);
+  }
 
   template <typename F>
   static void for_each(int64_t count, int64_t /*grain*/, F f) {
