@@ -25,7 +25,7 @@ Images are normalised with the train split's per-channel mean and std.
 
 Spec options: ``digits-ms:SIZE`` or ``digits-ms:size=64,seed=0,renders=4,jitter=1``.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,20 +138,23 @@ def render_sample(
     return {"image": image, "background": background, "box": np.array([x, y, bw, bh], np.float32)}
 
 
-def generate(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1, progress: bool = True) -> Dict[str, np.ndarray]:
-    """All splits as arrays: ``{split}_images`` uint8[N, size, size, 3], ``{split}_labels``,
-    ``{split}_boxes`` float32[N, 4], ``{split}_glyphs`` (source digit index), plus ``mean``/``std``."""
+def generate(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1, progress: bool = True,
+             splits: Sequence[str] = ("train", "val", "test")) -> Dict[str, np.ndarray]:
+    """The splits as arrays: ``{split}_images`` uint8[N, size, size, 3], ``{split}_labels``,
+    ``{split}_boxes`` float32[N, 4], ``{split}_glyphs`` (source digit index), plus ``mean``/``std``
+    (of the train split; only when it is generated). Each split has its own generator, so
+    generating a subset of ``splits`` gives the same arrays for them."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     glyphs, labels = digits.images, digits.target.astype(np.int64)
     photos = _photos()
-    splits = glyph_splits(labels, seed)
+    splits = {k: v for k, v in glyph_splits(labels, seed).items() if k in splits}
     out: Dict[str, np.ndarray] = {}
     total = sum(len(v) * (renders if k == "train" else EVAL_RENDERS) for k, v in splits.items())
     bar = tqdm(total=total, desc=f"generating digits-ms:{size} (once, then cached)", disable=not progress, leave=False)
-    for k, (split, idx) in enumerate(splits.items()):
-        rng = np.random.default_rng([seed, 2, k])
+    for split, idx in splits.items():
+        rng = np.random.default_rng([seed, 2, ("train", "val", "test").index(split)])
         order = np.tile(idx, renders if split == "train" else EVAL_RENDERS)
         order = order[rng.permutation(len(order))]
         images = np.empty((len(order), size, size, 3), np.uint8)
@@ -163,9 +166,16 @@ def generate(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1, p
         out[f"{split}_images"], out[f"{split}_boxes"] = images, boxes
         out[f"{split}_labels"], out[f"{split}_glyphs"] = labels[order], order.astype(np.int64)
     bar.close()
-    train = out["train_images"].reshape(-1, 3).astype(np.float64) / 255.0
-    out["mean"], out["std"] = train.mean(0), train.std(0)
+    if "train" in splits:
+        train = out["train_images"].reshape(-1, 3).astype(np.float64) / 255.0
+        out["mean"], out["std"] = train.mean(0), train.std(0)
     return out
+
+
+def load_arrays(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1) -> Dict[str, np.ndarray]:
+    """:func:`generate`'s arrays through the cache (generated on first use, memory-mapped after)."""
+    opts = dict(size=size, seed=seed, renders=renders, jitter=jitter)
+    return cached_arrays("digits-ms", dict(opts, version=GENERATOR_VERSION), lambda: generate(**opts))
 
 
 class DigitsMS(SampleDataset):
@@ -178,8 +188,7 @@ class DigitsMS(SampleDataset):
     def __init__(self, spec: str, options: Dict[str, str], split: str, image_size: Optional[Tuple[int, int]],
                  channels: int, num_images: Optional[int], seed: int, size_bins: SizeBins) -> None:
         opts = _options(options, spec)
-        params = dict(opts, version=GENERATOR_VERSION)
-        arrays = cached_arrays("digits-ms", params, lambda: generate(**opts))
+        arrays = load_arrays(**opts)
         names = ["train", "val", "test"] if split == "all" else [split]
         self._images = [arrays[f"{n}_images"] for n in names]
         self._offsets = np.cumsum([0] + [len(a) for a in self._images])

@@ -1,0 +1,212 @@
+"""erf_lab.data: the digits-ms generator, size bins, noise, and the open_data grammar."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from erf_lab.data import open_data
+from erf_lab.data import digits_ms
+from erf_lab.data.bins import COCO_SIZE_EDGES, assign_size_bins, bin_of, quantile_edges
+from erf_lab.errors import ErfLabError
+
+SMALL = "digits-ms:size=32,renders=1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ERF_LAB_CACHE", str(tmp_path_factory.mktemp("erf-lab-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small_arrays():
+    return digits_ms.load_arrays(size=32, seed=0, renders=1)
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+# ---- digits-ms ---------------------------------------------------------------------------------
+def test_generation_is_deterministic_and_seeded(small_arrays):
+    val = {k: v for k, v in small_arrays.items() if k.startswith("val_")}
+    again = digits_ms.generate(size=32, seed=0, renders=1, progress=False, splits=("val",))
+    assert _digest(again) == _digest(val)  # same bytes, in a fresh generation of one split
+    other = digits_ms.generate(size=32, seed=1, renders=1, progress=False, splits=("val",))
+    assert not np.array_equal(other["val_images"], val["val_images"])
+
+
+def test_cached_dataset_matches_fresh_generation(small_arrays):
+    first = open_data(SMALL, split="val")  # generates into the cache
+    second = open_data(SMALL, split="val")  # reads it back
+    for ds in (first, second):
+        raw = small_arrays["val_images"][ds[5]["index"]].astype(np.float32) / 255.0
+        expect = (torch.from_numpy(raw).permute(2, 0, 1) - ds._mean_t) / ds._std_t
+        assert torch.allclose(ds[5]["image"], expect, atol=1e-6)
+        assert ds[5]["label"] == small_arrays["val_labels"][5]
+
+
+def test_splits_are_disjoint_by_source_digit_and_stratified(small_arrays):
+    from sklearn.datasets import load_digits
+
+    glyph_sets = {s: set(small_arrays[f"{s}_glyphs"].tolist()) for s in ("train", "val", "test")}
+    assert not glyph_sets["train"] & glyph_sets["val"]
+    assert not glyph_sets["train"] & glyph_sets["test"]
+    assert not glyph_sets["val"] & glyph_sets["test"]
+    assert set.union(*glyph_sets.values()) == set(range(1797))
+    # labels are those of the source digits, and every class is in every split in proportion
+    target = load_digits().target
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(small_arrays[f"{s}_labels"], target[small_arrays[f"{s}_glyphs"]])
+        counts = np.bincount(small_arrays[f"{s}_labels"], minlength=10)
+        assert counts.min() >= 0.8 * counts.mean()
+    # pixel-level: no glyph image of the test split equals one of the train split
+    imgs = load_digits().images
+    train_glyphs = {imgs[g].tobytes() for g in glyph_sets["train"]}
+    dup = sum(imgs[g].tobytes() in train_glyphs for g in glyph_sets["test"])
+    assert dup == 0
+
+
+def test_render_box_is_exactly_the_pasted_ink():
+    from sklearn.datasets import load_digits
+
+    glyphs = load_digits().images
+    photos = digits_ms._photos()
+    rng = np.random.default_rng(123)
+    for k in range(40):
+        s = digits_ms.render_sample(rng, glyphs[k * 37], photos, 64, jitter=True)
+        changed = (s["image"] != s["background"]).any(-1)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        x, y, w, h = s["box"]
+        assert (cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1) == (x, y, w, h)
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
+        # the ink is the digit: the changed mask, shrunk to 8 rows, follows the glyph's row profile
+        ink_rows = np.flatnonzero(glyphs[k * 37].max(1) >= 1)
+        assert h >= len(ink_rows) * 0.5 or h >= 3
+
+
+def test_boxes_inside_images_and_scaled_with_image_size(small_arrays):
+    ds = open_data(SMALL, split="test")
+    boxes = small_arrays["test_boxes"]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] >= 1).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= 32).all() and (boxes[:, 1] + boxes[:, 3] <= 32).all()
+    big = open_data(SMALL, split="test", image_size=64, num_images=5, seed=3)
+    for item in big:
+        assert item["image"].shape == (3, 64, 64)
+        np.testing.assert_allclose(item["box"].numpy(), 2 * ds[item["index"]]["box"].numpy())
+
+
+def test_size_independent_of_class_and_spread_7x(small_arrays):
+    b = small_arrays["train_boxes"].astype(np.float64)
+    size = np.sqrt(b[:, 2] * b[:, 3])
+    assert np.percentile(size, 99) / np.percentile(size, 1) > 4.0
+    # size drawn independently of the class: the class explains ~nothing of log size (eta^2;
+    # about 9/N by chance; a size tied to the class, e.g. by the glyph's width, gives > 0.1)
+    labels, logs = small_arrays["train_labels"], np.log(size)
+    between = sum((labels == c).sum() * (logs[labels == c].mean() - logs.mean()) ** 2 for c in range(10))
+    assert between / ((logs - logs.mean()) ** 2).sum() < 0.03
+
+
+def test_normalisation_is_the_train_statistics():
+    ds = open_data(SMALL, split="train")
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    np.testing.assert_allclose(x.mean((0, 2, 3)).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(x.std((0, 2, 3)).numpy(), 1.0, atol=1e-3)
+    grey = open_data(SMALL, split="train", channels=1, num_images=8)
+    assert grey[0]["image"].shape == (1, 32, 32) and len(grey.mean) == 1
+
+
+def test_size_bins_balanced_on_train_and_shared_by_splits():
+    train = open_data(SMALL, split="train")
+    test = open_data(SMALL, split="test")
+    assert len(train.size_bin_edges) == 11 and train.size_bin_edges == test.size_bin_edges
+    counts = np.bincount(train.size_bins, minlength=10)
+    assert counts.min() >= 0.5 * len(train) / 10 and counts.max() <= 1.6 * len(train) / 10
+    np.testing.assert_array_equal(train.size_bins, bin_of(train.sizes, train.size_bin_edges))
+    # the item dicts agree with the arrays and batch with the default collate
+    batch = next(iter(DataLoader(test, batch_size=16)))
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["box"].shape == (16, 4)
+    np.testing.assert_array_equal(batch["size_bin"].numpy(), test.size_bins[:16])
+    np.testing.assert_array_equal(batch["label"].numpy(), test.labels[:16])
+    coco = open_data(SMALL, split="test", size_bins="coco")
+    assert coco.size_bin_edges == COCO_SIZE_EDGES and set(coco.size_bins.tolist()) <= {0, 1, 2}
+
+
+def test_quantile_edges_equal_counts_and_ties():
+    rng = np.random.default_rng(0)
+    sizes = rng.lognormal(size=1000)
+    edges, bins = assign_size_bins(sizes, "quantile10")
+    assert (np.bincount(bins) == 100).all()
+    assert edges[0] == sizes.min() and edges[-1] == sizes.max()
+    # ties never straddle an edge
+    tied = np.repeat(np.arange(20.0), 50)
+    _, tb = assign_size_bins(tied, "quantile4")
+    for v in range(20):
+        assert len(set(tb[tied == v])) == 1
+    assert (np.bincount(tb) == 250).all()
+    assert bin_of(np.array([10.0, 32.0, 95.9, 500.0, np.nan]), COCO_SIZE_EDGES).tolist() == [0, 1, 1, 2, -1]
+    for bad in ("quantile0", "deciles", [3.0, 1.0]):
+        with pytest.raises(ErfLabError):
+            assign_size_bins(sizes, bad)
+
+
+def test_num_images_subset_is_seeded_and_indexes_the_full_split():
+    full = open_data(SMALL, split="test")
+    a = open_data(SMALL, split="test", num_images=20, seed=1)
+    b = open_data(SMALL, split="test", num_images=20, seed=1)
+    c = open_data(SMALL, split="test", num_images=20, seed=2)
+    assert len(a) == 20 and [x["index"] for x in a] == [x["index"] for x in b]
+    assert [x["index"] for x in a] != [x["index"] for x in c]
+    for item in list(a)[:5]:
+        ref = full[item["index"]]
+        assert torch.equal(item["image"], ref["image"]) and item["label"] == ref["label"]
+        assert item["size_bin"] == ref["size_bin"]  # bins come from the full split, not the subset
+    every = open_data(SMALL, split="all")
+    assert len(every) == sum(len(open_data(SMALL, split=s)) for s in ("train", "val", "test"))
+
+
+# ---- noise and the grammar -----------------------------------------------------------------------
+def test_noise():
+    ds = open_data("noise", image_size=(16, 24), channels=1, num_images=7, seed=4)
+    assert len(ds) == 7 and ds.class_names == [] and ds.size_bin_edges is None
+    item = ds[3]
+    assert item["image"].shape == (1, 16, 24) and item["label"] == -1 and item["size_bin"] == -1
+    assert item["box"].tolist() == [0.0, 0.0, 24.0, 16.0]
+    assert torch.equal(item["image"], open_data("noise", image_size=(16, 24), channels=1, num_images=50, seed=4)[3]["image"])
+    assert not torch.equal(item["image"], open_data("noise", image_size=(16, 24), channels=1, seed=5)[3]["image"])
+    x = torch.stack([open_data("noise", image_size=64)[i]["image"] for i in range(50)])
+    assert len(open_data("noise")) == 50 and abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
+
+
+@pytest.mark.parametrize("spec, kwargs, fragment", [
+    ("", {}, "empty"),
+    ("noise:5", {}, "no options"),
+    ("digits-ms:colour=2", {}, "unknown option"),
+    ("digits-ms:size=abc", {}, "not an integer"),
+    ("digits-ms:size=8", {}, ">= 16"),
+    ("noise", {"split": "training"}, "split"),
+    ("noise", {"channels": 4}, "channels"),
+    ("noise", {"num_images": 0}, "num_images"),
+    ("noise", {"image_size": (0, 3)}, "image_size"),
+    ("/no/such/folder", {}, "no such folder"),
+    ("coco:only.json", {}, "expected coco:"),
+])
+def test_bad_specs_give_one_line(spec, kwargs, fragment):
+    with pytest.raises(ErfLabError) as info:
+        open_data(spec, **kwargs)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("hi")
+    with pytest.raises(ErfLabError, match="is a file"):
+        open_data(str(f))
