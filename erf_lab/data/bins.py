@@ -1,5 +1,6 @@
 """Box-size bins: equal-count quantile bins of ``sqrt(w * h)`` (10 by default, as in the
 DK paper's t-SNE by object size), COCO's small/medium/large, or explicit edges."""
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -25,7 +26,10 @@ def quantile_edges(reference: np.ndarray, n: int) -> List[float]:
         raise ErfLabError("size bins: no object sizes to compute quantile edges from")
     values, counts = np.unique(ref, return_counts=True)
     if values.size < n:
-        raise ErfLabError(f"size bins: {values.size} distinct object sizes cannot make {n} quantile bins")
+        warnings.warn(f"erf-lab: only {values.size} distinct object sizes; using {values.size} size bins, not {n}")
+        n = max(1, int(values.size))
+    if values.size == 1:
+        return [float(values[0]), float(values[0])]
     below = np.cumsum(counts)[:-1]  # items <= values[i], for cuts between values[i] and values[i+1]
     mids = (values[:-1] + values[1:]) / 2.0
     edges = [float(values[0])]
