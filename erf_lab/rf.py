@@ -261,10 +261,11 @@ class _RFGraph:
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            # Fake activations against the real (un-copied) parameters: no compute, no copy.
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             with mode:
                 fake = mode.from_tensor(example)
-            ShapeProp(self.gm, fake_mode=mode).propagate(fake)
+                ShapeProp(self.gm).propagate(fake)
             return
         except Exception:  # noqa: BLE001 - fake tensors do not cover every op; use a real pass
             pass
