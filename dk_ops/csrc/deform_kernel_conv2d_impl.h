@@ -440,38 +440,59 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       iw = at::empty({nb * p.Gi * p.K * p.L * 4}, acc_opts);
       compute_image_corners<scalar_t, acc_t, Exec>(p, offp, n0, nb, iidx.data_ptr<int32_t>(), iw.data_ptr<acc_t>());
     }
-    at::Tensor X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
-    compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, ptr_or_null<int32_t>(iidx), ptr_or_null<acc_t>(iw),
-                                           X.data_ptr<acc_t>(), X.data_ptr<acc_t>());
+    const bool direct = p.P != 1 && p.Cg == 1;  // depthwise, local kernel offsets: no column buffer
+    at::Tensor X;
+    if (!direct) {
+      X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
+      compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, ptr_or_null<int32_t>(iidx),
+                                             ptr_or_null<acc_t>(iw), X.data_ptr<acc_t>(), X.data_ptr<acc_t>());
+    }
+    const int32_t* iidxp = ptr_or_null<int32_t>(iidx);
+    const acc_t* iwp = ptr_or_null<acc_t>(iw);
     at::Tensor y_chunk = y.narrow(0, n0, nb);
     if (p.P == 1) {
       at::Tensor wk_chunk = p.Nk == 1 ? wk : wk.narrow(0, n0, nb);
       y_chunk.view({nb, p.G, p.Cog, p.L}).copy_(at::matmul(wk_chunk, X.view({nb, p.G, p.Cg * p.K, p.L})));
-    } else if (p.Cg == 1) {
-      // Depthwise, local kernel offsets: direct kernel.
+    } else if (direct) {
+      // Depthwise, local kernel offsets: direct kernel, the input sampled on the fly.
       DK_PASS("dw_forward");
       acc_t* yp = y_chunk.data_ptr<acc_t>();
-      const acc_t* Xp = X.data_ptr<acc_t>();
-      Exec::for_blocks(nb * p.Co, p.L, 5 * p.K, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
-        const int64_t o = row % p.Co;
-        const int64_t n = row / p.Co;
+      Exec::for_blocks(nb * p.Co * p.Ho, p.Wo, 6 * p.K, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+        const int64_t ho = row % p.Ho;
+        const int64_t o = (row / p.Ho) % p.Co;
+        const int64_t n = row / (p.Ho * p.Co);
         const int64_t c = o / p.Cog;  // depthwise: conv group == input channel
         const int64_t gk = o / p.Cok;
-        const acc_t* xr = Xp + (n * p.C + c) * p.K * p.L;
-        const scalar_t* wo = w + o * p.S;
+        const scalar_t* plane = x + ((n0 + n) * p.C + c) * p.H * p.W;
+        const scalar_t* wo_ = w + o * p.S;
+        const int64_t nj = j1 - j0;
         acc_t acc[B];
-        for (int64_t j = 0; j < j1 - j0; ++j) acc[j] = acc_t(0);
+        for (int64_t j = 0; j < nj; ++j) acc[j] = acc_t(0);
         for (int64_t t = 0; t < p.K; ++t) {
-          const int64_t kb0 = kcorner_base(p, n0 + n, gk, t, 0);
-          for (int64_t j = 0; j < j1 - j0; ++j) {
-            const int64_t l = j0 + j;
-            const int64_t kb = kb0 + 4 * l;
-            const acc_t wv = kwt[kb] * acc_t(wo[kidx[kb]]) + kwt[kb + 1] * acc_t(wo[kidx[kb + 1]]) +
-                             kwt[kb + 2] * acc_t(wo[kidx[kb + 2]]) + kwt[kb + 3] * acc_t(wo[kidx[kb + 3]]);
-            acc[j] += wv * xr[t * p.L + l];
+          const int64_t ti = t / p.kw, tj = t % p.kw;
+          const int64_t kb0 = kcorner_base(p, n0 + n, gk, t, 0) + 4 * ho * p.Wo;
+          const int64_t ib0 = (((n * p.Gi + c / p.Cig) * p.K + t) * p.L + ho * p.Wo) * 4;
+          const scalar_t* mrow =
+              p.has_mask ? maskp + (((n0 + n) * p.Gm + c / p.Cmg) * p.K + t) * p.L + ho * p.Wo : nullptr;
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t wo = j0 + j;
+            acc_t xv;
+            if (p.has_off) {
+              const int64_t ib = ib0 + 4 * wo;
+              xv = iwp[ib] * acc_t(plane[iidxp[ib]]) + iwp[ib + 1] * acc_t(plane[iidxp[ib + 1]]) +
+                   iwp[ib + 2] * acc_t(plane[iidxp[ib + 2]]) + iwp[ib + 3] * acc_t(plane[iidxp[ib + 3]]);
+            } else {
+              const int64_t r = rigid_index(p, ti, tj, ho, wo);
+              xv = r >= 0 ? acc_t(plane[r]) : acc_t(0);
+            }
+            if (p.has_mask) xv = xv * acc_t(mrow[wo]);
+            const int64_t kb = kb0 + 4 * wo;
+            const acc_t wv = kwt[kb] * acc_t(wo_[kidx[kb]]) + kwt[kb + 1] * acc_t(wo_[kidx[kb + 1]]) +
+                             kwt[kb + 2] * acc_t(wo_[kidx[kb + 2]]) + kwt[kb + 3] * acc_t(wo_[kidx[kb + 3]]);
+            acc[j] += wv * xv;
           }
         }
-        for (int64_t j = 0; j < j1 - j0; ++j) yp[row * p.L + j0 + j] = acc[j];
+        for (int64_t j = 0; j < nj; ++j) yp[(n * p.Co + o) * p.L + ho * p.Wo + j0 + j] = acc[j];
       });
     } else {
       at::Tensor Z = at::empty({nb, p.Cg * p.S, p.L}, acc_opts);
@@ -549,12 +570,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       const int32_t* iidxp = ptr_or_null<int32_t>(iidx);
       const acc_t* iwp = ptr_or_null<acc_t>(iw);
-      at::Tensor X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
-      at::Tensor xs = p.has_mask ? at::empty({nb, p.C, p.K, p.L}, acc_opts) : X;
-      compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, iidxp, iwp, xs.data_ptr<acc_t>(),
-                                             X.data_ptr<acc_t>());
-      const acc_t* Xp = X.data_ptr<acc_t>();
-      const acc_t* xsp = xs.data_ptr<acc_t>();
+      // Depthwise with local kernel offsets may run as one fused pass (CPU), which
+      // samples the input on the fly and also applies the mask to gX.
+      const bool fused = p.P != 1 && p.Cg == 1 && Exec::fused_depthwise_backward();
+      at::Tensor X, xs;
+      if (!fused) {
+        X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
+        xs = p.has_mask ? at::empty({nb, p.C, p.K, p.L}, acc_opts) : X;
+        compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, iidxp, iwp, xs.data_ptr<acc_t>(),
+                                               X.data_ptr<acc_t>());
+      }
+      const acc_t* Xp = ptr_or_null<acc_t>(X);
+      const acc_t* xsp = ptr_or_null<acc_t>(xs);
       // gX is accumulated over (conv group, kernel group) pairs only in the general local path.
       const bool gx_accumulates = p.P != 1 && p.Cg != 1;
       at::Tensor gX;
@@ -623,6 +650,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (need_gx) {
           gX.view({nb, p.G, p.Cg * p.K, p.L}).copy_(at::matmul(wk_chunk.transpose(-1, -2), gy4));
         }
+      } else if (fused) {
+        DK_PASS("dw_backward_fused");
+        Exec::template dw_local_backward<scalar_t, acc_t>(p, n0, nb, x, w, maskp, dkp, iidxp, iwp, gyp, need_w,
+                                                          need_dk, need_mask, gwp, gdkp, gXp, gmaskp);
       } else if (p.Cg == 1) {
         // Depthwise, local kernel offsets: direct kernels.
         if (need_w) {
@@ -767,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
 
       // Image side: mask, input and image-offset gradients from gX (the columns' gradient).
-      if (need_mask) {
+      if (need_mask && !fused) {
         DK_PASS("grad_mask");
         Exec::for_blocks(nb * p.Gm * p.K, p.L, p.Cmg * 2, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
           const int64_t t = row % p.K;
@@ -784,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t j = 0; j < nj; ++j) out[j] = s[j];
         });
       }
-      if (p.has_mask && (need_in || need_off)) {
+      if (p.has_mask && (need_in || need_off) && !fused) {
         DK_PASS("apply_mask");
         Exec::for_rows(nb * p.C * p.K, p.L, 2, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
           const int64_t t = row % p.K;

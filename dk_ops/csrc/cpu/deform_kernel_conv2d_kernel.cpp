@@ -4,6 +4,10 @@
 // Every reduction has one owner per output element, so results (the weight
 // gradient included) are bitwise reproducible for a given thread count.
 #include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
 #include <torch/library.h>
 
 #include "../deform_kernel_conv2d_impl.h"
@@ -47,6 +51,147 @@ struct CpuExec {
         f(r, j0, std::min(inner, j0 + kBlock));
       }
     });
+  }
+
+  // DK_OPS_CPU_GENERIC=1 runs the device-agnostic passes that CUDA runs (tests use it).
+  static bool fused_depthwise_backward() {
+    const char* v = std::getenv("DK_OPS_CPU_GENERIC");
+    return v == nullptr || v[0] == '\0' || v[0] == '0';
+  }
+
+  // Depthwise backward with local kernel offsets in one pass. Tasks own (sample,
+  // block of kBlock positions); for each input channel the sampled input is formed
+  // once, then every output channel of its group adds to the column gradient, the
+  // kernel-offset gradient (local accumulators) and its own slice of the task's
+  // weight-gradient partial. Partials are summed over tasks in a fixed order, so
+  // the result is deterministic.
+  template <typename scalar_t, typename acc_t>
+  static void dw_local_backward(const Params& p, int64_t n0, int64_t nb, const scalar_t* x, const scalar_t* w,
+                                const scalar_t* mask, const scalar_t* dk, const int32_t* iidx, const acc_t* iw,
+                                const acc_t* gy, bool need_w, bool need_dk, bool need_mask, acc_t* gw, acc_t* gdk,
+                                acc_t* gX, acc_t* gmask) {
+    constexpr int64_t B = kBlock;
+    const int64_t nblk = (p.L + B - 1) / B;
+    const int64_t tasks = nb * nblk;
+    const int64_t CoS = p.Co * p.S;
+    std::vector<acc_t> gw_part(need_w ? tasks * CoS : 0);
+    const int64_t KB = p.K * B;
+    at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+      std::vector<int32_t> ci(p.Gk * KB * 4);
+      std::vector<acc_t> cw(p.Gk * KB * 4), cy(p.Gk * KB * 4), cx(p.Gk * KB * 4);
+      std::vector<acc_t> gu(p.Gk * KB), gv(p.Gk * KB), gm(p.Gm * KB);
+      std::vector<acc_t> xs(KB), xm(KB), gxc(KB);
+      std::vector<int64_t> hoj(B), woj(B);
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t n = task / nblk;
+        const int64_t j0 = (task % nblk) * B;
+        const int64_t nj = std::min(B, p.L - j0);
+        for (int64_t j = 0; j < nj; ++j) {
+          hoj[j] = (j0 + j) / p.Wo;
+          woj[j] = (j0 + j) % p.Wo;
+        }
+        for (int64_t gk = 0; gk < p.Gk; ++gk) {
+          for (int64_t t = 0; t < p.K; ++t) {
+            const int64_t ti = t / p.kw, tj = t % p.kw;
+            for (int64_t j = 0; j < nj; ++j) {
+              const int64_t e = ((gk * p.K + t) * B + j) * 4;
+              detail::kernel_bilinear<acc_t>(p, dk, n0 + n, gk, t, ti, tj, j0 + j, &ci[e], &cw[e], &cy[e], &cx[e]);
+            }
+          }
+        }
+        std::fill(gu.begin(), gu.end(), acc_t(0));
+        std::fill(gv.begin(), gv.end(), acc_t(0));
+        std::fill(gm.begin(), gm.end(), acc_t(0));
+        acc_t* gwt = need_w ? gw_part.data() + task * CoS : nullptr;
+        if (gwt != nullptr) std::fill(gwt, gwt + CoS, acc_t(0));
+        for (int64_t c = 0; c < p.C; ++c) {
+          const scalar_t* plane = x + ((n0 + n) * p.C + c) * p.H * p.W;
+          const int64_t gi = c / p.Cig, gmc = c / p.Cmg;
+          for (int64_t t = 0; t < p.K; ++t) {
+            const int64_t ti = t / p.kw, tj = t % p.kw;
+            const scalar_t* mrow = p.has_mask ? mask + (((n0 + n) * p.Gm + gmc) * p.K + t) * p.L + j0 : nullptr;
+            const int64_t ib0 = (((n * p.Gi + gi) * p.K + t) * p.L + j0) * 4;
+            for (int64_t j = 0; j < nj; ++j) {
+              acc_t v;
+              if (p.has_off) {
+                const int64_t ib = ib0 + 4 * j;
+                v = iw[ib] * acc_t(plane[iidx[ib]]) + iw[ib + 1] * acc_t(plane[iidx[ib + 1]]) +
+                    iw[ib + 2] * acc_t(plane[iidx[ib + 2]]) + iw[ib + 3] * acc_t(plane[iidx[ib + 3]]);
+              } else {
+                const int64_t r = detail::rigid_index(p, ti, tj, hoj[j], woj[j]);
+                v = r >= 0 ? acc_t(plane[r]) : acc_t(0);
+              }
+              xs[t * B + j] = v;
+              xm[t * B + j] = p.has_mask ? v * acc_t(mrow[j]) : v;
+              gxc[t * B + j] = acc_t(0);
+            }
+          }
+          for (int64_t o = c * p.Cog; o < (c + 1) * p.Cog; ++o) {
+            const int64_t gk = o / p.Cok;
+            const scalar_t* wo = w + o * p.S;
+            const acc_t* gyr = gy + (n * p.Co + o) * p.L + j0;
+            acc_t* gwo = gwt != nullptr ? gwt + o * p.S : nullptr;
+            for (int64_t t = 0; t < p.K; ++t) {
+              const int64_t e0 = (gk * p.K + t) * B;
+              for (int64_t j = 0; j < nj; ++j) {
+                const int64_t e = (e0 + j) * 4;
+                const acc_t w0 = acc_t(wo[ci[e]]), w1 = acc_t(wo[ci[e + 1]]), w2 = acc_t(wo[ci[e + 2]]),
+                            w3 = acc_t(wo[ci[e + 3]]);
+                const acc_t gyv = gyr[j];
+                gxc[t * B + j] += (cw[e] * w0 + cw[e + 1] * w1 + cw[e + 2] * w2 + cw[e + 3] * w3) * gyv;
+                const acc_t gp = gyv * xm[t * B + j];
+                if (gwo != nullptr) {
+                  gwo[ci[e]] += cw[e] * gp;
+                  gwo[ci[e + 1]] += cw[e + 1] * gp;
+                  gwo[ci[e + 2]] += cw[e + 2] * gp;
+                  gwo[ci[e + 3]] += cw[e + 3] * gp;
+                }
+                if (need_dk) {
+                  gu[e0 + j] += gp * (cy[e] * w0 + cy[e + 1] * w1 + cy[e + 2] * w2 + cy[e + 3] * w3);
+                  gv[e0 + j] += gp * (cx[e] * w0 + cx[e + 1] * w1 + cx[e + 2] * w2 + cx[e + 3] * w3);
+                }
+              }
+            }
+          }
+          for (int64_t t = 0; t < p.K; ++t) {
+            const scalar_t* mrow = p.has_mask ? mask + (((n0 + n) * p.Gm + gmc) * p.K + t) * p.L + j0 : nullptr;
+            acc_t* gxr = gX != nullptr ? gX + ((n * p.C + c) * p.K + t) * p.L + j0 : nullptr;
+            for (int64_t j = 0; j < nj; ++j) {
+              const acc_t g = gxc[t * B + j];
+              if (need_mask) gm[(gmc * p.K + t) * B + j] += g * xs[t * B + j];
+              if (gxr != nullptr) gxr[j] = p.has_mask ? g * acc_t(mrow[j]) : g;
+            }
+          }
+        }
+        if (need_dk) {
+          for (int64_t gk = 0; gk < p.Gk; ++gk) {
+            for (int64_t t = 0; t < p.K; ++t) {
+              acc_t* out = gdk + ((n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t)) * p.L + j0;
+              for (int64_t j = 0; j < nj; ++j) {
+                out[j] = gu[(gk * p.K + t) * B + j];
+                out[p.L + j] = gv[(gk * p.K + t) * B + j];
+              }
+            }
+          }
+        }
+        if (need_mask) {
+          for (int64_t g = 0; g < p.Gm; ++g) {
+            for (int64_t t = 0; t < p.K; ++t) {
+              acc_t* out = gmask + (((n0 + n) * p.Gm + g) * p.K + t) * p.L + j0;
+              for (int64_t j = 0; j < nj; ++j) out[j] = gm[(g * p.K + t) * B + j];
+            }
+          }
+        }
+      }
+    });
+    if (need_w) {
+      at::parallel_for(0, CoS, 256, [&](int64_t b, int64_t e) {
+        for (int64_t task = 0; task < tasks; ++task) {
+          const acc_t* part = gw_part.data() + task * CoS;
+          for (int64_t i = b; i < e; ++i) gw[i] += part[i];
+        }
+      });
+    }
   }
 
   // Depthwise weight gradient with local kernel offsets: one owner per output channel.

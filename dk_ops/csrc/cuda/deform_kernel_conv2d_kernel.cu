@@ -105,6 +105,14 @@ int64_t blocks_for(int64_t count) {
 struct CudaExec {
   static constexpr int kBlock = 1;
   static int64_t chunk_budget() { return int64_t(1) << 30; }
+  static bool fused_depthwise_backward() { return false; }
+
+  template <typename scalar_t, typename acc_t>
+  static void dw_local_backward(const Params&, int64_t, int64_t, const scalar_t*, const scalar_t*, const scalar_t*,
+                                const scalar_t*, const int32_t*, const acc_t*, const acc_t*, bool, bool, bool, acc_t*,
+                                acc_t*, acc_t*, acc_t*) {
+    TORCH_CHECK(false, "dk_ops: no fused depthwise backward on CUDA");
+  }
 
   template <typename F>
   static void for_rows(int64_t rows, int64_t inner, int64_t /*work*/, F f) {
