@@ -62,8 +62,9 @@ def knn_accuracies(
 ) -> Dict[str, Tuple[float, float]]:
     """``{name: (knn accuracy, chance)}`` for several labellings of the same points.
 
-    The folds are stratified on the joint labels, so the neighbour search runs once per fold
-    for all labellings. Points with a negative label in any labelling are left out; a
+    The folds are shared, so the neighbour search runs once per fold for all labellings; they
+    are stratified on the joint labels when every joint stratum fills the folds, else on the
+    first labelling. Points with a negative label in any labelling are left out; a
     labelling with fewer than two labels of at least two points each gets NaN.
     """
     from sklearn.model_selection import StratifiedKFold
@@ -83,10 +84,13 @@ def knn_accuracies(
         return out
     folds = int(min(n_splits, min(c.min() for c, u in zip(counts, usable) if u)))
     folds = max(folds, 2)
-    joint = np.unique(ys, axis=0, return_inverse=True)[1].reshape(-1)
+    joint, joint_counts = np.unique(ys, axis=0, return_inverse=True, return_counts=True)[1:]
+    strata = joint.reshape(-1)
+    if joint_counts.min() < folds:  # joint strata too thin: stratify on the first usable labelling
+        strata = ys[:, usable.index(True)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # some joint strata are smaller than the fold count
-        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, joint))
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, strata))
     correct = np.zeros(len(names))
     for train, test in splits:
         kk = min(k, len(train))
@@ -200,16 +204,16 @@ def _space_scores(x: np.ndarray, labelings: Mapping[str, np.ndarray], seed: int,
     idx = _subsample(len(x), silhouette_max, seed)
     dist = pairwise_distances(np.asarray(x, dtype=np.float32)[idx], metric="euclidean", n_jobs=1).astype(np.float64)
     np.fill_diagonal(dist, 0.0)
-    for n in labelings:
+    for n in names:
         y = np.asarray(labelings[n])
         valid = y >= 0
         out[n] = {
             "n": int(valid.sum()),
             "n_labels": int(len(np.unique(y[valid]))),
-            "knn_acc": knn.get(n, (np.nan, np.nan))[0],
-            "chance": knn.get(n, (np.nan, np.nan))[1],
-            "silhouette": silhouette(x, y[idx], distances=dist) if n in names else float("nan"),
-            "ami_kmeans": kmeans_ami(x, y, seed=seed) if n in names else float("nan"),
+            "knn_acc": knn[n][0],
+            "chance": knn[n][1],
+            "silhouette": silhouette(x, y[idx], distances=dist),
+            "ami_kmeans": kmeans_ami(x, y, seed=seed),
         }
     return out
 
@@ -219,7 +223,8 @@ def _within_class(x: np.ndarray, classes: np.ndarray, bins: np.ndarray, seed: in
     for c in np.unique(classes[(classes >= 0) & (bins >= 0)]):
         m = (classes == c) & (bins >= 0)
         s = _space_scores(x[m], {"size": bins[m]}, seed, silhouette_max)["size"]
-        per_class.append({"class": int(c), **s})
+        if s:
+            per_class.append({"class": int(c), **s})
     if not per_class:
         nan = float("nan")
         return {"n": 0, "n_labels": 0, "knn_acc": nan, "chance": nan, "silhouette": nan, "ami_kmeans": nan}, []

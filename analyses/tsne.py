@@ -92,7 +92,7 @@ class TSNEResult:
             parts = [f"{m.name}: n={len(m.coords)}"]
             for lab in ("class", "size", "size|class"):
                 sel = df[(df.model == m.name) & (df.labels == lab)].set_index("space")
-                if len(sel):
+                if len(sel) and np.isfinite(sel.knn_acc.to_numpy(float)).any():
                     emb = sel.knn_acc.get("embedding", float("nan"))
                     parts.append(f"{lab} kNN {sel.knn_acc.get('features', float('nan')):.3f}/{emb:.3f} "
                                  f"(chance {sel.chance.iloc[0]:.3f})")
