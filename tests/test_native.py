@@ -119,6 +119,14 @@ def test_parity_float64_values_and_all_gradients(cfg):
     assert_parity(args, sizes)
 
 
+@pytest.mark.parametrize("cfg", [cfg for cfg in GRID if cfg.get("kernel", "local") == "local"], ids=_ids)
+def test_parity_of_the_device_agnostic_passes_cuda_runs(cfg, monkeypatch):
+    """DK_OPS_CPU_GENERIC=1: the CPU runs the passes the CUDA kernels share (no fused depthwise backward)."""
+    monkeypatch.setenv("DK_OPS_CPU_GENERIC", "1")
+    args, sizes = make(**cfg)
+    assert_parity(args, sizes)
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(groups=2, gk=2, gi=1, mask=True), dict(groups=4, kernel="global")],
                          ids=_ids)
 def test_parity_float32(cfg):
@@ -185,9 +193,12 @@ def test_backend_env_var(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Determinism: two runs of the weight gradient are bitwise equal.
 
+@pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("cfg", [dict(groups=4, n=3, hw=(12, 11)), dict(groups=2, gk=2, n=3, hw=(12, 11), gi=1),
-                                 dict(groups=1, kernel="global", n=3)], ids=_ids)
-def test_weight_gradient_is_deterministic(cfg):
+                                 dict(groups=1, kernel="global", n=3), dict(groups=4, n=2, hw=(70, 70), gi=2)],
+                         ids=_ids)
+def test_weight_gradient_is_deterministic(cfg, generic, monkeypatch):
+    monkeypatch.setenv("DK_OPS_CPU_GENERIC", "1" if generic else "0")
     args, sizes = make(dtype=torch.float32, **cfg)
     go = torch.randn_like(call_native(args, sizes))
     a = values_and_grads(call_native, args, sizes, go)[1][1]
