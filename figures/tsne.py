@@ -87,6 +87,7 @@ def tsne_figure(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: Opti
 
     table_rows = [{"model": op, "knn_class": score(op, "class"), "knn_size": score(op, "size"),
                    "knn_size_within_class": score(op, "size|class"), "chance_class": score(op, "class", "chance"),
+                   "chance_size": score(op, "size", "chance"),
                    "chance_size_within_class": score(op, "size|class", "chance"),
                    "silhouette_class": score(op, "class", "silhouette"),
                    "silhouette_size_within_class": score(op, "size|class", "silhouette")} for op in ops]
@@ -101,11 +102,14 @@ def tsne_figure(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: Opti
             col, what = "knn_size", "Size (within-class scores unavailable: too few samples per class)"
         dk_size, cc_size = t.loc["dk", col], t.loc["condconv", col]
         dk_cls, cc_cls = t.loc["dk", "knn_class"], t.loc["condconv", "knn_class"]
+        size_chance = t.loc["dk", "chance_size_within_class" if col == "knn_size_within_class" else "chance_size"]
         size_ok, class_ok = dk_size > cc_size, cc_cls > dk_cls
+        above = dk_size > size_chance and cc_cls > t.loc["condconv", "chance_class"]
         claims.append(
             f"Paper: DK clusters by size, CondConv by class. {what} kNN: DK {dk_size:.3f} vs CondConv "
-            f"{cc_size:.3f}; class kNN: CondConv {cc_cls:.3f} vs DK {dk_cls:.3f} (chance {t.loc['dk', 'chance_class']:.3f}). "
-            + ("Holds on this data." if size_ok and class_ok else
+            f"{cc_size:.3f} (chance {size_chance:.3f}); class kNN: CondConv {cc_cls:.3f} vs DK {dk_cls:.3f} (chance {t.loc['dk', 'chance_class']:.3f}). "
+            + ("Inconclusive: the scores are at chance level." if not above else
+               "Holds on this data." if size_ok and class_ok else
                "Holds only in part on this data." if size_ok or class_ok else "Does not hold on this data."))
     options = dict(checkpoints={k: str(v) for k, v in paths.items()}, data=res.meta.get("data"), max_samples=max_samples,
                    n_iter=n_iter, perplexity=perplexity, device=device, analyses_options=res.meta.get("options"))
