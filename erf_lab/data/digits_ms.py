@@ -39,10 +39,12 @@ from ._cache import cached_arrays
 from .base import SampleDataset
 from .bins import SizeBins
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.1}  # test: the rest
 EVAL_RENDERS = 2
 SIZE_RANGE = (0.1, 0.7)
+BG_CONTRAST = (0.3, 0.7)  # photographs at reduced contrast, so the digit is the salient object
+INK_SPREAD = 0.3  # ink channels within 0.3 of black (bright background) or white (dark background)
 ALPHA_CUT = 0.05
 CLASS_NAMES = [str(d) for d in range(10)]
 _DEFAULTS = {"size": 64, "seed": 0, "renders": 4, "jitter": 1}
@@ -89,9 +91,9 @@ def render_glyph(glyph: np.ndarray, scale: float) -> np.ndarray:
     """Alpha ``float32[h, w]`` of an 8x8 digit (values 0..16) at ``scale`` pixels per cell,
     cropped to its tight ink box (alpha below :data:`ALPHA_CUT` set to zero)."""
     side = max(1, int(round(8 * scale)))
-    g = torch.from_numpy(np.ascontiguousarray(glyph, dtype=np.float32) / 16.0)[None, None]
-    a = F.interpolate(g, size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0, 0]
-    a = a.clamp(0, 1).numpy()
+    g = Image.fromarray(np.ascontiguousarray(glyph, dtype=np.float32) / 16.0, mode="F")
+    # PIL's bilinear filter widens its support when shrinking (antialiasing) and is single-threaded
+    a = np.clip(np.asarray(g.resize((side, side), Image.BILINEAR), dtype=np.float32), 0.0, 1.0)
     a[a < ALPHA_CUT] = 0.0
     rows, cols = np.flatnonzero(a.any(1)), np.flatnonzero(a.any(0))
     if rows.size == 0:  # a blank glyph cannot happen with load_digits; keep one pixel
@@ -112,7 +114,7 @@ def render_sample(
     bg = np.asarray(bg, dtype=np.float32) / 255.0
     if rng.random() < 0.5:
         bg = bg[:, ::-1]
-    contrast, brightness = (rng.uniform(0.6, 1.2), rng.uniform(0.8, 1.2)) if jitter else (1.0, 1.0)
+    contrast, brightness = (rng.uniform(*BG_CONTRAST), rng.uniform(0.8, 1.2)) if jitter else (np.mean(BG_CONTRAST), 1.0)
     bg = np.clip((bg - bg.mean()) * contrast + bg.mean() * brightness, 0.0, 1.0)
 
     # object size independent of class; glyph scaled so its ink box has sqrt(w*h) ~ s
@@ -128,9 +130,9 @@ def render_sample(
     # ink colour contrasting with the background under the box, opacity
     region = bg[y:y + bh, x:x + bw]
     lum = float((region @ np.array([0.299, 0.587, 0.114], np.float32)).mean())
-    colour = rng.uniform(0.0, 1.0, 3).astype(np.float32)
-    colour = colour * 0.35 if lum >= 0.5 else 0.65 + 0.35 * colour
-    opacity = rng.uniform(0.75, 1.0)
+    colour = rng.uniform(0.0, INK_SPREAD, 3).astype(np.float32)
+    colour = colour if lum >= 0.5 else 1.0 - colour
+    opacity = rng.uniform(0.9, 1.0)
     background = np.round(bg * 255.0).astype(np.uint8)
     image = background.copy()
     a = (opacity * alpha)[..., None]
