@@ -46,6 +46,15 @@ SCORE_COLUMNS = ["model", "labels", "space", "n", "n_labels", "knn_acc", "chance
 
 K = 10
 N_SPLITS = 5
+SMALL = 1_000_000  # array elements below which scores run on one thread
+
+
+def _threads_for(x: np.ndarray):
+    """One thread for small arrays (OpenMP/BLAS barriers cost more than they save there, badly so
+    on a busy machine); the caller's limit otherwise."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1 if np.asarray(x).size < SMALL else None)
 
 
 def _valid(labels: np.ndarray) -> np.ndarray:
@@ -156,7 +165,8 @@ def kmeans_ami(x: np.ndarray, labels: np.ndarray, *, seed: int = 0, n_init: int 
     n_lab = len(np.unique(labels))
     if n_lab < 2 or len(labels) <= n_lab:
         return float("nan")
-    pred = KMeans(n_clusters=n_lab, n_init=n_init, random_state=seed).fit_predict(x)
+    with _threads_for(x):
+        pred = KMeans(n_clusters=n_lab, n_init=n_init, random_state=seed).fit_predict(x)
     return float(adjusted_mutual_info_score(labels, pred))
 
 
@@ -193,6 +203,11 @@ def within_class_bins(labels: np.ndarray, sizes: np.ndarray, n_bins: int = 10, m
 
 
 def _space_scores(x: np.ndarray, labelings: Mapping[str, np.ndarray], seed: int, silhouette_max: int) -> Dict[str, Dict[str, float]]:
+    with _threads_for(x):
+        return _space_scores_(x, labelings, seed, silhouette_max)
+
+
+def _space_scores_(x: np.ndarray, labelings: Mapping[str, np.ndarray], seed: int, silhouette_max: int) -> Dict[str, Dict[str, float]]:
     from sklearn.metrics import pairwise_distances
 
     names = [n for n, y in labelings.items() if (np.asarray(y) >= 0).sum() >= 2]
