@@ -187,8 +187,11 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
             if impl == "reference" and variant != "dk" and not args.all_reference:
                 continue
             label = f"{vlabel} {impl}"
+            warmup, repeat = args.warmup, args.repeat
+            if impl == "reference" and device.type == "cpu":  # minutes per call for general groups
+                warmup, repeat = 0, min(repeat, args.reference_repeat)
             try:
-                rows.append(bench_case(label, split(dk_call(impl)), tensors, device, args.warmup, args.repeat))
+                rows.append(bench_case(label, split(dk_call(impl)), tensors, device, warmup, repeat))
             except RuntimeError as exc:  # e.g. out of memory for the reference path
                 rows.append({"method": label, "error": str(exc).splitlines()[0][:200]})
             if device.type == "cuda":
@@ -228,7 +231,8 @@ def fmt_mb(b):
 
 def to_markdown(rows: List[Dict], meta: Dict) -> str:
     out = [f"device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}; threads {meta['threads']}; "
-           f"median of {meta['repeat']} runs", ""]
+           f"median of {meta['repeat']} runs ({meta.get('reference_runs', meta['repeat'])} for the reference path)",
+           f"command: `{meta['command']}`", ""]
     shapes = []
     for r in rows:
         if r["shape"] not in shapes:
@@ -283,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference path")
     ap.add_argument("--all-reference", action="store_true", help="reference for DK+DCN and DCN too")
+    ap.add_argument("--reference-repeat", type=int, default=1,
+                    help="timed runs of the reference path on the CPU (no warm-up): it is slow")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -307,7 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = args.shapes.split(",") if args.shapes else list(table)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeat": args.repeat, "command": " ".join(sys.argv)}
+            "repeat": args.repeat, "command": "python " + " ".join(sys.argv),
+            "reference_runs": min(args.repeat, args.reference_repeat) if device.type == "cpu" else args.repeat}
     rows = []
     for name in names:
         shape = table[name]
