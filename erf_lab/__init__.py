@@ -4,7 +4,7 @@ ERF metrics and heatmaps, safe checkpoint loading, data sets and study-model tra
 ``import erf_lab`` is light: the public names below load their modules on first use, and
 matplotlib is imported only when something is plotted.
 
->>> import erf_lab
+>>> import torch, erf_lab
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
 >>> erf_lab.compute_erf(net, torch.randn(8, 3, 32, 32), progress=False).map.shape
 (32, 32)

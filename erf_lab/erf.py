@@ -293,6 +293,8 @@ class _Geometry:
     local: bool
     rf_note: str
     jump: Tuple[float, float]
+    graph: Any = None  # the traced _RFGraph (None when the model could not be traced)
+    rf: Any = None  # the target's LayerRF
 
 
 def _nearest(c0: float, jump: float, n: int, target: float) -> int:
@@ -308,10 +310,11 @@ def _geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: 
 
     c, h, w = x0.shape
     get_layer(model, layer)  # a clear error for a wrong name before anything runs
-    rf, note = None, ""
+    rf, note, graph = None, "", None
     if layout in ("auto", "nchw"):
         try:
-            rf = trace_rf(model, (c, h, w)).of(layer, output_index)
+            graph = trace_rf(model, (c, h, w))
+            rf = graph.of(layer, output_index)
         except ErfLabError as exc:
             note = str(exc)
     if rf is not None and rf.spatial:  # the traced shapes give the grid without running the model
@@ -341,7 +344,38 @@ def _geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: 
         if len(u) != 2 or not (0 <= u[0] < grid[0] and 0 <= u[1] < grid[1]):
             raise ErfLabError(f"unit {u} is outside the layer's {grid[0]}x{grid[1]} grid")
     centers = [(cy0 + u[0] * jy, cx0 + u[1] * jx) for u in units]
-    return _Geometry(layout, grid, prefix, units, centers, size, local, note, (jy, jx))
+    return _Geometry(layout, grid, prefix, units, centers, size, local, note, (jy, jx), graph, rf)
+
+
+def _default_layer(model: nn.Module, x0: Tensor) -> Tuple[Optional[str], str]:
+    """(layer, note) for ``layer=None``: the model output if it is a spatial map or tokens, else the
+    last module (in execution order) whose output is a map larger than 1x1 (a classifier's last stage)."""
+    with torch.no_grad():
+        shapes: List[Tuple[str, Tuple[int, ...]]] = []
+        handles = []
+        for name, m in model.named_modules():
+            if not name:
+                continue
+
+            def hook(mod, inp, out, name=name):
+                if isinstance(out, Tensor):
+                    shapes.append((name, tuple(out.shape)))
+
+            try:
+                handles.append(m.register_forward_hook(hook))
+            except (RuntimeError, AttributeError):
+                break
+        try:
+            out = model(x0.unsqueeze(0))
+        finally:
+            for h in handles:
+                h.remove()
+    if isinstance(out, Tensor) and out.dim() in (3, 4):
+        return None, ""
+    spatial = [n for n, sh in shapes if len(sh) == 4 and sh[2] * sh[3] > 1]
+    if not spatial:
+        raise ErfLabError("the model output has no spatial grid and no layer outputs one: pass --layer")
+    return spatial[-1], f"layer=None: the output has no spatial grid; using the last spatial layer {spatial[-1]!r}"
 
 
 def _crop_window(geo: _Geometry, hw: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:
@@ -377,6 +411,23 @@ class _Engine:
         self.model, self.layer_name, self.output_index = model, layer, output_index
         self.layer = get_layer(model, layer)
         self.geo, self.opts, self.stop = geo, opts, stop
+        self.origin: Tuple[int, int] = (0, 0)  # top-left pixel of the input crop
+        self.cone = None  # a _cone.ConeCrop when cone pruning is on
+
+    def units_for(self, shift: Tuple[int, int]) -> List[Tuple[int, int]]:
+        return [(u[0] - shift[0], u[1] - shift[1]) for u in self.geo.units]
+
+    def forward(self, x: Tensor, cone: bool = True) -> Tuple[Any, List[Tuple[int, int]]]:
+        """Runs to the layer on a batch (cropped at ``origin``); returns the output and the units in it."""
+        if self.cone is not None and cone:
+            with self.cone.active(self.origin):
+                out = run_to_layer(self.model, x, self.layer, stop=self.stop)
+            return out, self.units_for(self.cone.shift())
+        out = run_to_layer(self.model, x, self.layer, stop=self.stop)
+        if self.origin == (0, 0):
+            return out, list(self.geo.units)
+        jy, jx = (int(v) for v in self.geo.jump)
+        return out, self.units_for((self.origin[0] // jy, self.origin[1] // jx))
 
     def target_vectors(self, out: Any, units: List[Tuple[int, int]]) -> Tensor:
         y = select_output(out, self.output_index)
@@ -393,23 +444,23 @@ class _Engine:
         m = g.sum(1) if self.opts.color_reduction == "sum" else g.mean(1)
         return m.clamp(min=0) if self.opts.map_rectify == "clamp" else m
 
-    def gradients(self, x: Tensor, units: List[Tuple[int, int]]) -> Tensor:
+    def gradients(self, x: Tensor) -> Tensor:
         """Input gradients of a (B, C, H, W) batch for every unit: (B, U, C, H, W)."""
-        b, n_u = x.shape[0], len(units)
+        b, n_u = x.shape[0], len(self.geo.units)
         xr = x.repeat_interleave(n_u, dim=0) if n_u > 1 else x
         xr = xr.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = run_to_layer(self.model, xr, self.layer, stop=self.stop)
+            out, units = self.forward(xr)
             t = self.target_vectors(out, units).sum()
             (g,) = torch.autograd.grad(t, xr)
         return g.view(b, n_u, *x.shape[1:])
 
-    def captum_gradients(self, x: Tensor, units: List[Tuple[int, int]]) -> Tensor:
+    def captum_gradients(self, x: Tensor) -> Tensor:
         from captum.attr import NeuronGradient
 
         ng = NeuronGradient(self.model, self.layer)
         outs = []
-        for u in units:
+        for u in self.geo.units:
             outs.append(ng.attribute(x.detach().clone().requires_grad_(True), neuron_selector=lambda o, u=u: self.target_vectors(o, [u])))
         return torch.stack(outs, 1)
 
@@ -436,11 +487,28 @@ def _check_locality(engine: _Engine, x0: Tensor, crop: Tuple[int, int, int, int]
     units_v = [(u[0] + pt // jy, u[1] + pl // jx) for u in units_c]
     with torch.no_grad():
         try:
-            a = engine.target_vectors(run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb], engine.layer), units_c)
-            b = engine.target_vectors(run_to_layer(engine.model, canvas[None], engine.layer), units_v)
+            n_u = len(units_c)  # sample u targets unit u
+            crop_x = x0[None, :, ya:yb, xa:xb].expand(n_u, -1, -1, -1)
+            a = engine.target_vectors(run_to_layer(engine.model, crop_x, engine.layer), units_c)
+            b = engine.target_vectors(run_to_layer(engine.model, canvas[None].expand(n_u, -1, -1, -1), engine.layer), units_v)
         except (IndexError, RuntimeError, ErfLabError):
             return False
     scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
+    return bool((a - b).abs().max() <= 1e-4 * scale)
+
+
+def _check_cone(engine: _Engine, x: Tensor) -> bool:
+    """The units' activations with and without cone pruning agree on one (cropped) image."""
+    with torch.no_grad():
+        try:
+            xr = x[None].expand(len(engine.geo.units), *x.shape)  # sample u targets unit u
+            a_out, a_units = engine.forward(xr, cone=True)
+            a = engine.target_vectors(a_out, a_units)
+        except (IndexError, RuntimeError, ErfLabError):
+            return False
+        b_out, b_units = engine.forward(xr, cone=False)
+        b = engine.target_vectors(b_out, b_units)
+    scale = max(float(b.abs().max()), 1e-12)
     return bool((a - b).abs().max() <= 1e-4 * scale)
 
 
@@ -469,6 +537,7 @@ def compute_erf(
     center: str = "rf",
     crop: Union[bool, str] = "auto",
     stop_at_layer: bool = True,
+    cone: bool = True,
     channels_last: bool = False,
     backend: str = "engine",
     progress: bool = True,
@@ -481,7 +550,8 @@ def compute_erf(
         data: a Tensor[N, C, H, W] / Tensor[C, H, W], or a Dataset of dicts with ``"image"``,
             of image tensors or of ``(image, label)`` tuples. Images are used as given
             (already normalised), resized with bicubic interpolation to ``image_size`` if set.
-        layer: a name from ``model.named_modules()``; None is the model output.
+        layer: a name from ``model.named_modules()``; None is the model output, or when that has
+            no spatial grid (a classifier), the last layer whose output is a map larger than 1x1.
         unit: ``"center"`` (the cell whose theoretical RF is centred nearest the image centre),
             ``(y, x)``, or a list of such pairs (all in one pass; a list of results is returned).
         preset: ``"replknet"``, ``"luo"`` or ``"openerf"`` (:data:`PRESETS`); the other option
@@ -496,6 +566,8 @@ def compute_erf(
         crop: ``"auto"``: compute only a stride-aligned crop around the unit's field when the
             unit provably (graph + empirical check) sees nothing else; False: always the full image.
         stop_at_layer: end the forward at ``layer``.
+        cone: with ``crop``, also crop intermediate maps that every path to ``layer`` passes
+            through to the unit's cone (verified on the first image; see :mod:`erf_lab._cone`).
         channels_last: run in channels-last memory format.
         backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
         progress: tqdm bar (on rank 0).
@@ -558,6 +630,9 @@ def compute_erf(
             model.to(memory_format=torch.channels_last)
         x_first = load(indices[:1])
         hw = tuple(x_first.shape[-2:])
+        layer_note = ""
+        if layer in (None, "") and output_index is None:
+            layer, layer_note = _default_layer(model, x_first[0])
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
         engine = _Engine(model, layer, output_index, geo, opts, stop_at_layer)
         window = None
@@ -572,10 +647,19 @@ def compute_erf(
                 locality = "verified (graph and empirical check)"
         if window is not None:
             ya, xa, yb, xb = window
-            jy, jx = (int(v) for v in geo.jump)
-            units_run = [(u[0] - ya // jy, u[1] - xa // jx) for u in geo.units]
-        else:
-            units_run = geo.units
+            engine.origin = (ya, xa)
+        cone_note = "off"
+        if backend == "engine" and crop and cone and geo.local and geo.graph is not None and stop_at_layer:
+            from ._cone import ConeCrop, plan_cone
+
+            plan = plan_cone(geo.graph, layer, output_index, geo.rf)
+            if plan:
+                engine.cone = ConeCrop(model, plan, geo.rf, geo.centers)
+                x_check = x_first[0] if window is None else x_first[0, :, ya:yb, xa:xb]
+                if _check_cone(engine, x_check):
+                    cone_note = f"{len(plan)} layers cropped to the unit's cone (verified)"
+                else:
+                    engine.cone, cone_note = None, "cone check failed: off"
         n_u = len(geo.units)
         acc = torch.zeros(n_u, *hw, dtype=torch.float64, device=device)
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # used, skipped
@@ -589,10 +673,7 @@ def compute_erf(
                 x = x[:, :, ya:yb, xa:xb]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if backend == "engine":
-                g = engine.gradients(x, units_run)
-            else:
-                g = engine.captum_gradients(x, units_run)
+            g = engine.gradients(x) if backend == "engine" else engine.captum_gradients(x)
             b = g.shape[0]
             maps = engine.per_image(g.flatten(0, 1)).view(b, n_u, *g.shape[-2:])
             ok = torch.isfinite(maps).flatten(2).all(2).all(1)  # (B,)
@@ -622,6 +703,7 @@ def compute_erf(
             "preset": preset,
             "options": dict(opts.__dict__),
             "layer": layer or "",
+            "layer_note": layer_note,
             "output_index": output_index,
             "layout": geo.layout,
             "grid": list(geo.grid),
@@ -641,6 +723,7 @@ def compute_erf(
             "backend": backend,
             "crop": list(window) if window is not None else None,
             "locality": locality,
+            "cone": cone_note,
             "world_size": _dist.rank_world()[1] if use_dist else 1,
             "versions": _versions(),
         }

@@ -101,13 +101,16 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaves = _leaf_types()
         self.module_outputs: Dict[str, Any] = {}
+        self.module_calls: Dict[str, int] = {}  # a module called twice (a shared ReLU) has no single output
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
-        self.module_outputs[self.path_of_module(m)] = out
+        name = self.path_of_module(m)
+        self.module_outputs[name] = out
+        self.module_calls[name] = self.module_calls.get(name, 0) + 1
         return out
 
 
@@ -249,6 +252,7 @@ class _RFGraph:
             ) from exc
         self.gm = fx.GraphModule(model, graph)
         self.module_outputs = tracer.module_outputs
+        self.module_calls = tracer.module_calls
         self.input_size = tuple(int(v) for v in input_size)
         self._propagate_shapes()
         self.rf: Dict[fx.Node, LayerRF] = {}
