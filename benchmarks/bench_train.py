@@ -11,7 +11,7 @@ net, 10 min for MobileNetV2). Results go to a JSON file and a Markdown table.
     python benchmarks/bench_train.py --ops conv dk --skip-mobilenet    # a part
 
 Timings depend on the machine and on what else runs on it; the JSON records the thread
-count and load average at the start of each run.
+count (the faster of 1 and 2 in the probe) and the load average at the start of each run.
 """
 import argparse
 import json
@@ -56,10 +56,12 @@ def main() -> int:
     p.add_argument("--mobilenet-ops", nargs="+", default=["conv"])
     p.add_argument("--skip-mobilenet", action="store_true")
     p.add_argument("--max-epochs", type=int, default=12)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_train = len(open_data(args.data, split="train"))
@@ -69,7 +71,13 @@ def main() -> int:
         runs += [("mobilenet_v2", op, {"width_mult": 0.5}, args.mobilenet_budget_s) for op in args.mobilenet_ops]
     results = []
     for arch, op, kw, budget in runs:
-        ms = probe_ms_per_image(arch, op, kw)
+        probes = {}
+        for t in args.threads:
+            torch.set_num_threads(t)
+            probes[t] = probe_ms_per_image(arch, op, kw, batch=args.batch_size)
+        threads = min(probes, key=probes.get)
+        torch.set_num_threads(threads)
+        ms = probes[threads]
         # validation costs about a third of a training image per image; keep 15% slack
         per_epoch_s = (n_train * ms + n_val * ms / 3) / 1000
         epochs = int(min(args.max_epochs, 0.85 * budget // per_epoch_s))
@@ -78,13 +86,15 @@ def main() -> int:
             epochs, subset = 1, int(max(256, (0.85 * budget * 1000 - n_val * ms / 3) / ms))
         name = f"{arch}-{op}" + "".join(f"-{k}{v}" for k, v in kw.items())
         load = os.getloadavg()[0]
-        print(f"{name}: {ms:.1f} ms/img -> {epochs} epoch(s) over {subset or n_train} images", flush=True)
+        print(f"{name}: {ms:.1f} ms/img with {threads} thread(s) -> {epochs} epoch(s) over {subset or n_train} "
+              f"images", flush=True)
         m = train(arch, op, args.data, epochs, out / f"{name}.pt", seed=args.seed, arch_kwargs=kw,
-                  max_train_images=subset, progress=False)
+                  max_train_images=subset, batch_size=args.batch_size, lr=args.lr, progress=False)
         row = {"arch": arch, "op": op, "arch_kwargs": kw, "budget_s": budget, "probe_ms_per_image": ms,
                "epochs": epochs, "train_images": m["num_train"], "test_acc": m["test_acc"],
                "best_val_acc": m["best_val_acc"], "train_seconds": m["train_seconds"], "params": m["params"],
-               "macs": m["macs"], "load_avg_1min_at_start": load, "threads": args.threads}
+               "macs": m["macs"], "load_avg_1min_at_start": load, "threads": threads,
+               "probe_ms_per_image_by_threads": probes, "batch_size": args.batch_size, "lr": args.lr}
         results.append(row)
         print(json.dumps(row), flush=True)
         write_json({"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()},

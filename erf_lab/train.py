@@ -106,8 +106,11 @@ def versions() -> Dict[str, str]:
 
 
 # ---- data -----------------------------------------------------------------------------------
-def _splits(data_spec: str, image_size, channels: int, seed: int, max_train: Optional[int],
-            max_eval: Optional[int], skip_bad: bool):
+def training_splits(data_spec: str, image_size=None, channels: int = 3, seed: int = 0,
+                    max_train: Optional[int] = None, max_eval: Optional[int] = None, skip_bad: bool = False):
+    """``(train data set, {"train", "val", "test": Subset})`` exactly as :func:`train` uses them:
+    the source's own splits, or a seeded 80/10/10 split of a source without splits; then
+    seeded subsets of ``max_train`` / ``max_eval`` items."""
     from .data import open_data
 
     kw = dict(image_size=image_size, channels=channels, skip_bad=skip_bad, seed=seed)
@@ -132,7 +135,8 @@ def _splits(data_spec: str, image_size, channels: int, seed: int, max_train: Opt
     out = {}
     for k, idx in base.items():
         if limits[k] is not None and limits[k] < len(idx):
-            idx = np.sort(np.random.default_rng([seed, 8, len(k)]).choice(idx, limits[k], replace=False))
+            rng = np.random.default_rng([seed, 8, ("train", "val", "test").index(k)])
+            idx = np.sort(rng.choice(idx, limits[k], replace=False))
         out[k] = Subset(sets[k], idx.tolist())
     return train, out
 
@@ -283,7 +287,7 @@ def train(
         raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "
                           f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another --out")
 
-    base, sets = _splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
+    base, sets = training_splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
     h, w = base.image_size
     torch.manual_seed(seed)
     kwargs = dict(arch_kwargs or {})

@@ -13,7 +13,7 @@ from erf_lab.checkpoint import load_model
 from erf_lab.data import open_data
 from erf_lab.errors import ErfLabError
 import erf_lab.train as erf_train
-from erf_lab.train import companion_paths, evaluate, train
+from erf_lab.train import companion_paths, evaluate, train, training_splits
 
 DATA = "digits-ms:size=32,renders=1"
 TINY = {"widths": (8, 16), "depth": 1, "stem_width": 8}  # study_net, small enough for CI
@@ -57,9 +57,10 @@ def test_one_epoch_per_op_and_checkpoint_round_trip(op, tmp_path):
     # rebuild from the dict alone: the same test loss and accuracy as recorded by training
     model = models.create(ck["arch"], **ck["arch_kwargs"])
     model.load_state_dict(ck["state_dict"])
-    test = open_data(DATA, split="test")
-    idx = np.sort(np.random.default_rng([1, 8, 4]).choice(len(test), 32, replace=False)).tolist()
-    again = evaluate(model, torch.utils.data.Subset(test, idx), progress=False)
+    test_subset = training_splits(DATA, seed=1, max_train=64, max_eval=32)[1]["test"]
+    test, idx = test_subset.dataset, test_subset.indices
+    assert len(idx) == 32 and max(idx) < len(open_data(DATA, split="test"))
+    again = evaluate(model, test_subset, progress=False)
     assert again["acc"] == m["test_acc"] and again["loss"] == pytest.approx(m["test_loss"], rel=1e-5)
     # and through the ERF engine's loader, with the data normalisation recorded
     loaded = load_model(out)
