@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,21 +28,13 @@ from erf_lab.data import open_data  # noqa: E402
 from erf_lab.train import train, write_json  # noqa: E402
 
 
-def probe_ms_per_image(arch: str, op: str, arch_kwargs: dict, batch: int = 64, steps: int = 3) -> float:
-    """Milliseconds per training image (forward + backward + step), after one warm-up step."""
-    torch.manual_seed(0)
-    model = models.create(arch, op=op, num_classes=10, **arch_kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times[1:]) / batch
+def probe_ms_per_image(arch: str, op: str, arch_kwargs: dict, data: str, out: Path, batch: int, lr: float,
+                       n: int = 160) -> float:
+    """Milliseconds per training image through the real pipeline (data loading, augmentation,
+    forward, backward, step), from a 1-epoch run on ``n`` images (validation on 32, counted at 1/3)."""
+    m = train(arch, op, data, 1, out / "probe.pt", arch_kwargs=arch_kwargs, max_train_images=n, max_eval_images=32,
+              batch_size=batch, lr=lr, progress=False)
+    return 1000 * m["history"][0]["seconds"] / (n + 32 / 3)
 
 
 def main() -> int:
@@ -74,16 +65,16 @@ def main() -> int:
         probes = {}
         for t in args.threads:
             torch.set_num_threads(t)
-            probes[t] = probe_ms_per_image(arch, op, kw, batch=args.batch_size)
+            probes[t] = probe_ms_per_image(arch, op, kw, args.data, out, args.batch_size, args.lr)
         threads = min(probes, key=probes.get)
         torch.set_num_threads(threads)
         ms = probes[threads]
-        # validation costs about a third of a training image per image; keep 15% slack
+        # validation costs about a third of a training image per image; keep 20% slack for load changes
         per_epoch_s = (n_train * ms + n_val * ms / 3) / 1000
-        epochs = int(min(args.max_epochs, 0.85 * budget // per_epoch_s))
+        epochs = int(min(args.max_epochs, 0.8 * budget // per_epoch_s))
         subset = None
         if epochs < 1:
-            epochs, subset = 1, int(max(256, (0.85 * budget * 1000 - n_val * ms / 3) / ms))
+            epochs, subset = 1, int(max(256, (0.8 * budget * 1000 - n_val * ms / 3) / ms))
         name = f"{arch}-{op}" + "".join(f"-{k}{v}" for k, v in kw.items())
         load = os.getloadavg()[0]
         print(f"{name}: {ms:.1f} ms/img with {threads} thread(s) -> {epochs} epoch(s) over {subset or n_train} "
