@@ -14,7 +14,6 @@ EXIT_USAGE = 2
 # Subcommands not built yet: (name, one-line help). Each section below removes its
 # names from here when it registers the real subcommand.
 _PLANNED = {
-    "figures": "reproduce the paper's figures and tables (not implemented yet)",
 }
 
 Handlers = Dict[str, Callable[[argparse.Namespace], int]]
@@ -271,7 +270,42 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
 
 # ---- section: figures -----------------------------------------------------------------------
 def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
-    """Registers figures (not yet: it is in _PLANNED)."""
+    """Registers figures (figures.run_figures does the work)."""
+    p = sub.add_parser("figures", help="reproduce the paper's figures and tables end to end",
+                       description="Trains (or loads with --models, or reuses from DIR/models) the six operator "
+                                   "variants of the study net, then writes every figure (PNG, PDF, CSV/NPZ/JSON), "
+                                   "DIR/RESULTS.md and DIR/index.html.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="small, fast configuration (the default; minutes on 2 CPU cores)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="whole training split, more epochs, three seeds")
+    p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: embedded digits-ms)")
+    p.add_argument("--models", metavar="DIR", help="use the checkpoints OP.pt / OP-seedS.pt in DIR instead of training")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (trained models are cached in DIR/models)")
+    p.add_argument("--only", metavar="LIST", help="comma-separated subset of: theory,accuracy,erf,tsne,offsets")
+    p.add_argument("--epochs", type=int, help="override the mode's training epochs")
+    p.add_argument("--seeds", metavar="LIST", help="override the mode's training seeds, e.g. 0,1,2")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(mode="quick")
+
+    def cmd_figures(args: argparse.Namespace) -> int:
+        from figures import run_figures
+
+        seeds = None if args.seeds is None else tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+        run = run_figures(args.out, mode=args.mode, data=args.data, models_dir=args.models, device=args.device,
+                          only=only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds)
+        for r in run["results"]:
+            for claim in r.claims:
+                print(f"[{r.name}] {claim}")
+        for name, msg in run["failures"].items():
+            print(f"[{name}] not produced: {msg}", file=sys.stderr)
+        print(f"report: {run['report']} and {run['html']}")
+        return 1 if run["failures"] else 0
+
+    handlers["figures"] = cmd_figures
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,122 @@
+"""The whole run behind ``erf-lab figures``: models, then every figure, then the report."""
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from erf_lab.errors import ErfLabError
+
+from ._io import FigureResult, PathLike, Stages, write_json
+from .config import FiguresConfig, config_for, prepare_models
+
+__all__ = ["run_figures", "FIGURES"]
+
+#: Figure ids in the order they are made.
+FIGURES = ("theory", "accuracy", "erf", "tsne", "offsets")
+
+
+def _device(device: Optional[str]) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ErfLabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return str(device)
+
+
+def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = None, models_dir: Optional[PathLike] = None,
+                device: Optional[str] = None, only: Optional[Sequence[str]] = None, progress: bool = True,
+                command: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
+    """Trains or loads the study models and writes every figure, ``RESULTS.md`` and ``index.html`` to ``out``.
+
+    Args:
+        out: output folder (trained checkpoints are cached in ``out/models`` and reused).
+        mode: ``quick`` (minutes on a laptop CPU) or ``full`` (more data, epochs and seeds).
+        data: ``--data`` spec (default ``digits-ms``).
+        models_dir: use the checkpoints in this folder (``OP.pt`` / ``OP-seedS.pt``) instead of training.
+        device: ``cpu``, ``cuda[:i]`` or None/``auto``.
+        only: a subset of :data:`FIGURES`.
+        progress: stage lines and progress bars.
+        command: the command line recorded in the report (default: this process's argv).
+        **overrides: single :class:`~figures.config.FiguresConfig` options (``epochs=1``...).
+
+    Returns:
+        ``{"results": [FigureResult], "failures": {figure: message}, "report": Path, "config": FiguresConfig,
+        "seconds": {stage: s}}``. A figure that fails is reported (and its error kept) while the others run.
+    """
+    import torch
+
+    wanted = tuple(FIGURES if not only else only)
+    bad = [f for f in wanted if f not in FIGURES]
+    if bad:
+        raise ErfLabError(f"unknown figure(s) {', '.join(bad)}; choose from {', '.join(FIGURES)}")
+    cfg: FiguresConfig = config_for(mode, data=data, **overrides)
+    dev = _device(device)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    command = command or " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:]))
+    need_models = any(f != "theory" for f in wanted)
+    stages = Stages(len(wanted) + (2 if need_models else 1), enabled=progress)
+    ckpts: Dict[str, List[Path]] = {}
+    if need_models:
+        with stages(f"models: {len(cfg.ops)} variants x {len(cfg.seeds)} seed(s) of {cfg.arch} on {cfg.data}"):
+            ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress)
+    first = {op: paths[0] for op, paths in ckpts.items()}
+    seed = cfg.seeds[0]
+    results: List[FigureResult] = []
+    failures: Dict[str, str] = {}
+    data_spec = None if models_dir is None else data
+
+    def make(name: str) -> FigureResult:
+        d = root / name
+        if name == "theory":
+            from .theory import linear_erf_theory
+
+            return linear_erf_theory(d, depths=cfg.theory_depths, seed=seed)
+        if name == "accuracy":
+            from .accuracy import accuracy_table
+
+            return accuracy_table(ckpts, d, latency_repeats=cfg.latency_repeats, device="cpu", seed=seed)
+        if name == "erf":
+            from .erf_comparison import erf_comparison
+
+            return erf_comparison(first, d, data=data_spec, erf_images=cfg.erf_images,
+                                  instance_per_bin=cfg.instance_per_bin, device=dev, seed=seed, progress=progress)
+        if name == "tsne":
+            from .tsne import tsne_figure
+
+            return tsne_figure(first, d, data=data_spec, max_samples=cfg.tsne_samples, n_iter=cfg.tsne_iter,
+                               device=dev, seed=seed, progress=progress)
+        from .offsets import offsets_by_size
+
+        return offsets_by_size(first, d, data=data_spec, num_images=cfg.offset_images, device=dev, seed=seed,
+                               progress=progress)
+
+    for name in wanted:
+        with stages(f"figure {name}"):
+            try:
+                results.append(make(name))
+            except (ErfLabError, ImportError, RuntimeError, ValueError) as exc:
+                failures[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if progress:
+                    print(f"  figure {name} failed: {failures[name]}", file=sys.stderr, flush=True)
+    with stages("report"):
+        from .report import write_report
+
+        notes = [f"Device {dev}; {torch.get_num_threads()} torch CPU threads; {os.cpu_count()} CPUs visible. "
+                 "Latency and wall times depend on the machine and its load."]
+        if models_dir is not None:
+            notes.append(f"Models taken from {models_dir} (not trained by this run).")
+        options = dict(cfg.to_dict(), device=dev, models_dir=str(models_dir) if models_dir else None,
+                       figures=list(wanted))
+        paths = write_report(root, results, command=command, options=options, failures=failures,
+                             stage_seconds=dict(stages.times), notes=notes)
+        write_json(root / "run.json", {"command": command, "options": options, "failures": failures,
+                                        "stage_seconds": stages.times,
+                                        "checkpoints": {k: [str(p) for p in v] for k, v in ckpts.items()},
+                                        "summaries": {r.name: r.summary for r in results}})
+    return {"results": results, "failures": failures, "report": paths[0], "html": paths[1], "config": cfg,
+            "seconds": dict(stages.times)}
