@@ -31,8 +31,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/erf-lab --help
-	$(PY) -m dk_ops.demo
+	$(VENV)/bin/erf-lab figures --quick --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/index.html and $(DEMO_OUT)/RESULTS.md"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
