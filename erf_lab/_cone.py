@@ -10,7 +10,7 @@ The engine verifies the result on the first image before using it.
 """
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx

@@ -14,7 +14,6 @@ global outside torch's allowlist *before* calling it, so code inside a refused f
 runs. Every failure is an :class:`~erf_lab.errors.ErfLabError` with one line that says what is
 wrong (missing/unexpected keys are listed).
 """
-import io
 import pickle
 import zipfile
 from dataclasses import dataclass, field

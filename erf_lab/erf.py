@@ -11,7 +11,6 @@ non-finite per-image maps are skipped and counted, and when the unit provably re
 its theoretical receptive field (checked on the graph *and* empirically), only a
 stride-aligned crop around that field is computed.
 """
-import copy
 import json
 import math
 import os

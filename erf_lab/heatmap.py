@@ -28,10 +28,7 @@ def plot_erf(
 
     ``overlay=True`` draws the map over ``result.image`` (instance ERFs). Returns the axes.
     """
-    import matplotlib
-
     if ax is None:
-        matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots(figsize=(5, 4.5))
@@ -63,18 +60,16 @@ def plot_erf(
 
 def save_erf_figure(result: Any, path: Union[str, Path], **kwargs) -> Path:
     """Renders ``result`` to a PNG at ``path`` atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .erf import atomic_write
 
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    try:
-        plot_erf(result, ax=ax, **kwargs)
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    # A standalone Agg figure: no pyplot state, the user's backend is left alone.
+    fig = Figure(figsize=(5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plot_erf(result, ax=ax, **kwargs)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return Path(path)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as _dist
-from .checkpoint import LoadedModel, build_arch, infer_input_channels, load_model
+from .checkpoint import LoadedModel, build_arch, load_model
 from .errors import ErfLabError
 
 __all__ = ["parse_size", "parse_unit", "run_erf", "rf_table", "layers_table", "model_for"]

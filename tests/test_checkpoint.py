@@ -161,7 +161,10 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_bad_inputs_exit_2_with_one_line_and_no_outputs(tmp_path):
+def test_cli_bad_inputs_exit_2_with_one_line_and_no_outputs(tmp_path, monkeypatch, capsys):
+    import cli
+
+    monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"payload": Evil(str(marker))}, tmp_path / "evil.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
@@ -174,12 +177,18 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_no_outputs(tmp_path):
         ["erf", "--model", "missing.pt", "--out", "o5"],
         ["rf", "--model", "plain.pt", "--out", "o6"],
     ]
+    monkeypatch.setitem(sys.modules, "torchvision", None)
     for args in cases:
-        p = run_cli(*args, cwd=tmp_path)
-        assert p.returncode == 2, (args, p.stderr)
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"erf-lab {args[0]}: error: "), (args, p.stderr)
-        assert "Traceback" not in p.stderr and not (tmp_path / args[-1]).exists()
+        code = cli.main(list(args))
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"erf-lab {args[0]}: error: "), (args, err)
+        assert "Traceback" not in err and not (tmp_path / args[-1]).exists()
     assert not marker.exists()
+    # the real entry point, in its own process: same line, exit 2; --debug shows the traceback
+    p = run_cli("erf", "--model", "evil.pt", "--out", "o7", cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--trust-checkpoint" in p.stderr
+    assert not marker.exists() and not (tmp_path / "o7").exists()
     p = run_cli("--debug", "erf", "--model", "junk.pt", cwd=tmp_path)
     assert p.returncode != 0 and "Traceback" in p.stderr

@@ -55,24 +55,34 @@ def test_erf_command_writes_map_metrics_and_figure(ckpt, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "o") if f.endswith(".tmp")]
 
 
-def test_instance_erf_with_overlay(ckpt, tmp_path):
+def main_in_process(args, tmp_path, monkeypatch, capsys):
+    import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def test_instance_erf_with_overlay(ckpt, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     Image.fromarray((np.random.default_rng(0).uniform(0, 255, (30, 40, 3))).astype(np.uint8)).save(tmp_path / "x.png")
-    run([sys.executable, "-m", "cli", "erf", "--model", str(ckpt), "--layer", "blocks.1", "--image", "x.png",
-         "--unit", "2,3", "--out", "inst"], cwd=tmp_path)
+    main_in_process(["erf", "--model", ckpt, "--layer", "blocks.1", "--image", "x.png", "--unit", "2,3", "--out", "inst"],
+                    tmp_path, monkeypatch, capsys)
     assert sorted(os.listdir(tmp_path / "inst")) == ["erf.json", "erf.npz", "erf.png", "erf_overlay.png"]
     with np.load(tmp_path / "inst" / "erf.npz") as z:
         assert z["erf"].shape == (48, 48) and z["image"].shape == (48, 48, 3)
     assert json.loads((tmp_path / "inst" / "erf.json").read_text())["meta"]["unit"] == [2, 3]
 
 
-def test_rf_and_layers_commands(ckpt, tmp_path):
-    p = run([sys.executable, "-m", "cli", "rf", "--arch", "resnet50_dw", "--image-size", "224", "--out", "r"], cwd=tmp_path)
+def test_rf_and_layers_commands(ckpt, tmp_path, monkeypatch, capsys):
+    out = main_in_process(["rf", "--arch", "resnet50_dw", "--image-size", "224", "--out", "r"], tmp_path, monkeypatch, capsys)
     df = pd.read_csv(tmp_path / "r" / "rf.csv")
-    assert df.set_index("layer").loc["layer4", "rf_y"] == 427 and "layer4" in p.stdout
-    p = run([sys.executable, "-m", "cli", "layers", "--model", str(ckpt)], cwd=tmp_path)
-    line = next(l for l in p.stdout.splitlines() if l.split()[0] == "blocks")
+    assert df.set_index("layer").loc["layer4", "rf_y"] == 427 and "layer4" in out
+    out = main_in_process(["layers", "--model", ckpt], tmp_path, monkeypatch, capsys)
+    line = next(l for l in out.splitlines() if l.split()[0] == "blocks")
     assert "(64, 6, 6)" in line and "45x45" in line
 
 
