@@ -222,7 +222,7 @@ def train(
     device: Union[str, torch.device] = "cpu",
     resume: bool = False,
     lr: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
     num_workers: int = 0,
     optimizer: str = "adamw",
     weight_decay: Optional[float] = None,
@@ -248,7 +248,7 @@ def train(
         seed: seeds the model initialisation, shuffling and augmentation.
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         resume: continue from ``OUT.last.pt`` (or ``OUT``) when it exists.
-        lr: peak learning rate (default 3e-3 for AdamW, 0.1 for SGD), scaled by ``batch_size / 64``.
+        lr: peak learning rate (default 3e-3 for AdamW, 0.1 for SGD).
         batch_size, num_workers: of the training loader.
         optimizer: ``adamw`` or ``sgd``.
         weight_decay: default 0.05 (AdamW) or 5e-4 (SGD).
@@ -298,8 +298,7 @@ def train(
     cx = models.complexity(model, input_size=(channels, h, w))
     model.to(dev)
 
-    peak_lr = (lr if lr is not None else (3e-3 if optimizer == "adamw" else 0.1)) * (
-        1.0 if lr is not None else batch_size / 64)
+    peak_lr = lr if lr is not None else (3e-3 if optimizer == "adamw" else 0.1)
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]

@@ -7,13 +7,14 @@ pasted at many scales and positions onto crops of ``load_sample_images`` (two ph
 For every sample (all random draws from one seeded generator):
 
 * a background: a square crop of a random photograph (side log-uniform between the image
-  side and the photo's height), resized to the image side, maybe mirrored, with brightness
-  and contrast jitter;
+  side and the photo's height), resized to the image side, maybe mirrored, at 0.3-0.7 of its
+  contrast (so the digit is the salient object) and 0.8-1.2 of its brightness (``jitter=0``:
+  fixed 0.5 and 1);
 * an object size ``s``, log-uniform in ``[0.1, 0.7] x`` image side (a 7x range) and drawn
   independently of the class; the glyph is scaled so that its ink box has ``sqrt(w * h) ~ s``
   (only glyphs too tall for the image at the top sizes are shrunk to fit: 0.95 x side);
-* an ink colour that contrasts with the background (dark on bright, bright on dark), and an
-  opacity in [0.75, 1];
+* an ink colour that contrasts with the background under the box: each channel within 0.3 of
+  black on a bright background, of white on a dark one; opacity in [0.9, 1];
 * a uniform position with the glyph fully inside the image.
 
 The box ``[x, y, w, h]`` is the tight box of the pasted ink (alpha >= 0.05; fainter alpha is
