@@ -341,7 +341,8 @@ def run_tsne(
         if key not in datasets:
             datasets[key] = open_data(spec, split=split, image_size=hw, channels=channels, seed=seed)
         ds = datasets[key]
-        first_ds = first_ds or ds
+        if first_ds is None:
+            first_ds = ds
         if len(ds) < min_samples_for(perplexity):
             raise ErfLabError(
                 f"data {spec!r} split {split!r} has {len(ds)} samples; t-SNE with perplexity {perplexity:g} needs at "
