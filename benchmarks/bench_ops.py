@@ -188,8 +188,9 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
                 continue
             label = f"{vlabel} {impl}"
             warmup, repeat = args.warmup, args.repeat
-            if impl == "reference" and device.type == "cpu":  # minutes per call for general groups
-                warmup, repeat = 0, min(repeat, args.reference_repeat)
+            if impl == "reference":  # minutes per call on the CPU for general groups
+                warmup = 0 if device.type == "cpu" else 1
+                repeat = min(repeat, args.reference_repeat or (1 if device.type == "cpu" else 5))
             try:
                 rows.append(bench_case(label, split(dk_call(impl)), tensors, device, warmup, repeat))
             except RuntimeError as exc:  # e.g. out of memory for the reference path
@@ -287,8 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference path")
     ap.add_argument("--all-reference", action="store_true", help="reference for DK+DCN and DCN too")
-    ap.add_argument("--reference-repeat", type=int, default=1,
-                    help="timed runs of the reference path on the CPU (no warm-up): it is slow")
+    ap.add_argument("--reference-repeat", type=int, default=None,
+                    help="timed runs of the slow reference path (default 1 on the CPU, without warm-up; 5 on CUDA)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -314,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "repeat": args.repeat, "command": "python " + " ".join(sys.argv),
-            "reference_runs": min(args.repeat, args.reference_repeat) if device.type == "cpu" else args.repeat}
+            "reference_runs": min(args.repeat, args.reference_repeat or (1 if device.type == "cpu" else 5))}
     rows = []
     for name in names:
         shape = table[name]

@@ -95,8 +95,8 @@ def test_cuda_gradcheck_float64(cfg):
     assert torch.autograd.gradcheck(fn, [args[i] for i in live], eps=1e-6, atol=1e-6)
 
 
-def test_cuda_large_batch_chunks_and_stream():
-    """Several batch chunks, a side stream, and a non-default device index when present."""
+def test_cuda_on_a_side_stream():
+    """The kernels run on the current (here a non-default) stream."""
     args, sizes = make(n=5, c_in=8, c_out=8, groups=8, hw=(9, 9), gi=2, mask=True)
     expected = call_reference(args, sizes)
     stream = torch.cuda.Stream()
