@@ -2,9 +2,9 @@
 // ../deform_kernel_conv2d_impl.h, each step a grid-stride kernel on the current
 // stream (64-bit flat indices), plus two CUDA-specific steps:
 //  * the depthwise weight gradient (local kernel offsets): one block per output
-//    channel reduces its N*K*L contributions into S shared-memory bins (shared
-//    atomics only), then writes its S values once: no global atomics at all, and
-//    the batch chunks are summed in order by stream order;
+//    channel reduces its N*K*L contributions into per-warp shared-memory bins
+//    (shared atomics only), then writes its S values once: no global atomics at
+//    all, and the batch chunks are summed in order by stream order;
 //  * the input gradient: each column element adds into its (up to four) input
 //    pixels with global atomicAdd (as torchvision's deform_conv2d col2im does).
 // float16/bfloat16 inputs are read as such; every buffer and GEMM is float32
@@ -41,15 +41,20 @@ __global__ void for_rows_kernel(int64_t rows, int64_t inner, F f) {
   }
 }
 
+// One block per output channel o; each warp accumulates into its own S shared-memory
+// bins (shared atomics, contended only within the warp), then thread s sums the warps'
+// bins in a fixed order and adds them to gW[o, s]: the only writer of that element.
 template <typename scalar_t, typename acc_t>
 __global__ void gw_depthwise_kernel(Params p, int64_t n0, int64_t nb, const acc_t* __restrict__ gy,
                                     const acc_t* __restrict__ X, const int32_t* __restrict__ kidx,
                                     const acc_t* __restrict__ kwt, acc_t* __restrict__ gw) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* bins = reinterpret_cast<acc_t*>(smem_raw);
+  const int warps = blockDim.x / 32;
   const int64_t o = blockIdx.x;
-  for (int64_t s = threadIdx.x; s < p.S; s += blockDim.x) bins[s] = acc_t(0);
+  for (int64_t s = threadIdx.x; s < warps * p.S; s += blockDim.x) bins[s] = acc_t(0);
   __syncthreads();
+  acc_t* wbins = bins + (threadIdx.x / 32) * p.S;
   const int64_t c = o / p.Cog;
   const int64_t gk = o / p.Cok;
   const int64_t total = nb * p.K * p.L;
@@ -58,15 +63,20 @@ __global__ void gw_depthwise_kernel(Params p, int64_t n0, int64_t nb, const acc_
     const int64_t t = (i / p.L) % p.K;
     const int64_t n = i / (p.L * p.K);
     const acc_t g = gy[(n * p.Co + o) * p.L + l] * X[((n * p.C + c) * p.K + t) * p.L + l];
+    if (g == acc_t(0)) continue;
     const int64_t kb = detail::kcorner_base(p, n0 + n, gk, t, l);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const acc_t v = kwt[kb + q] * g;
-      if (v != acc_t(0)) atomicAdd(&bins[kidx[kb + q]], v);
+      if (v != acc_t(0)) atomicAdd(&wbins[kidx[kb + q]], v);
     }
   }
   __syncthreads();
-  for (int64_t s = threadIdx.x; s < p.S; s += blockDim.x) gw[o * p.S + s] += bins[s];
+  for (int64_t s = threadIdx.x; s < p.S; s += blockDim.x) {
+    acc_t sum = acc_t(0);
+    for (int w = 0; w < warps; ++w) sum += bins[w * p.S + s];
+    gw[o * p.S + s] += sum;
+  }
 }
 
 template <typename acc_t>
@@ -136,7 +146,7 @@ struct CudaExec {
   template <typename scalar_t, typename acc_t>
   static void gw_depthwise(const Params& p, int64_t n0, int64_t nb, const acc_t* gy, const acc_t* X,
                            const int32_t* kidx, const acc_t* kwt, acc_t* gw) {
-    const size_t smem = sizeof(acc_t) * p.S;
+    const size_t smem = sizeof(acc_t) * p.S * (kThreads / 32);
     TORCH_CHECK(smem <= 48 * 1024, "dk_ops: scope of ", p.S, " cells is too large for the CUDA weight gradient");
     gw_depthwise_kernel<scalar_t, acc_t>
         <<<p.Co, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, n0, nb, gy, X, kidx, kwt, gw);
