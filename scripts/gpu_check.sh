@@ -34,7 +34,7 @@ stage "env: $(tail -n +2 "$OUT/env.txt" | head -2 | tr '\n' ' ')"
 stage "build start"
 DK_OPS_VERBOSE_BUILD=1 timeout 300 $PY -m dk_ops._native > "$OUT/build.log" 2>&1
 rc=$?
-stage "build rc=$rc ($(grep -o "'cuda': [A-Za-z]*" "$OUT/build.log" | tail -1))"
+stage "build rc=$rc ($(grep -o "'cuda': [A-Za-z]*" "$OUT/build.log" | tail -1); $(grep -o "'cuda_reason': [^}]*" "$OUT/build.log" | tail -1 | cut -c1-300))"
 if [ $rc -ne 0 ]; then
   grep -iE "error|fail" "$OUT/build.log" | head -20 | tee -a "$SUMMARY"
   exit 1
