@@ -71,12 +71,14 @@ def accuracy_table(checkpoints: Mapping[str, Sequence[PathLike]], out_dir: PathL
             for b, a in (m.get("test_acc_per_size_bin") or {}).items():
                 per_bin.setdefault(int(b), []).append(float(a))
             first = first or lm
+        n_classes = len(first.meta.get("class_names") or []) or None
         size = first.input_size or (3, 64, 64)
         model = first.model.to(device).eval()
         cx = complexity(model, size)
         row = {"op": op, "seeds": len(accs), "test_acc_mean": float(np.mean(accs)),
                "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else math.nan,
                "test_acc_min": float(np.min(accs)), "test_acc_max": float(np.max(accs)),
+               "chance": 1.0 / n_classes if n_classes else math.nan,
                "params": int(cx["params"]), "macs": int(cx["macs"]), "sampling_macs": int(cx["sampling_macs"]),
                "input_size": "x".join(str(s) for s in size)}
         for bs in latency_batch_sizes:
@@ -125,6 +127,11 @@ def accuracy_table(checkpoints: Mapping[str, Sequence[PathLike]], out_dir: PathL
     best = df.loc[df.test_acc_mean.idxmax()]
     claims = [f"Best test accuracy: {best.op} {best.test_acc_mean:.4f}; "
               + ", ".join(f"{r.op} {r.test_acc_mean:.4f}" for r in df.itertuples())]
+    weak = df[df.test_acc_mean < 2 * df.chance]
+    if len(weak):
+        claims.append(f"Warning: {', '.join(weak.op)} score below twice chance ({weak.chance.iloc[0]:.3f}): these models "
+                      "are barely trained, so the ERF, t-SNE and offset figures describe near-initial networks and "
+                      "their claims are not evidence either way (train longer, e.g. --full).")
     if {"conv", "dk"} <= set(df.op):
         a = df.set_index("op").test_acc_mean
         claims.append(f"Paper: DK improves over the rigid convolution. Here dk {a['dk']:.4f} vs conv {a['conv']:.4f}: "
