@@ -464,51 +464,56 @@ class _Engine:
         return torch.stack(outs, 1)
 
 
-def _check_locality(engine: _Engine, x0: Tensor, crop: Tuple[int, int, int, int], seed: int) -> bool:
-    """Empirical check that the units see nothing outside ``crop``: their activations on the crop
-    equal those on a larger canvas whose extra border is noise (interior sides only)."""
+def _check_locality(engine: _Engine, x0: Tensor, crop: Tuple[int, int, int, int], seed: int) -> Optional[Tensor]:
+    """Empirical check that the units see nothing outside ``crop``.
+
+    The units' activations on the crop must equal those on a canvas one output stride larger on
+    every interior side, whose pixels outside the crop are strong noise (global pooling, routing
+    or attention would change them). Returns the units' channel reductions on the crop (the
+    reference for the cone check), or None when the check fails or cannot be made.
+    """
     ya, xa, yb, xb = crop
     h, w = x0.shape[-2:]
     jy, jx = (int(v) for v in engine.geo.jump)
-    my = max(jy, 8 // jy * jy)
-    mx = max(jx, 8 // jx * jx)
+    my, mx = max(jy, 8 // jy * jy), max(jx, 8 // jx * jx)
     pt, pb = (my if ya >= my else 0), (my if yb + my <= h else 0)
     pl, pr = (mx if xa >= mx else 0), (mx if xb + mx <= w else 0)
     if pt + pb + pl + pr == 0:
-        return False
+        return None
     g = torch.Generator().manual_seed(seed)
     canvas = x0[:, ya - pt : yb + pb, xa - pl : xb + pr].clone()
     noise = 3 * torch.randn(canvas.shape, generator=g).to(canvas)
-    inner = torch.zeros_like(canvas, dtype=torch.bool)
-    inner[:, pt : pt + yb - ya, pl : pl + xb - xa] = True
-    canvas = torch.where(inner, canvas, noise)
+    inside = torch.zeros_like(canvas, dtype=torch.bool)
+    inside[:, pt : pt + yb - ya, pl : pl + xb - xa] = True
+    canvas = torch.where(inside, canvas, noise)
     units_c = [(u[0] - ya // jy, u[1] - xa // jx) for u in engine.geo.units]
     units_v = [(u[0] + pt // jy, u[1] + pl // jx) for u in units_c]
+    n_u = len(units_c)  # sample u targets unit u
     with torch.no_grad():
         try:
-            n_u = len(units_c)  # sample u targets unit u
-            crop_x = x0[None, :, ya:yb, xa:xb].expand(n_u, -1, -1, -1)
-            a = engine.target_vectors(run_to_layer(engine.model, crop_x, engine.layer), units_c)
+            a = engine.target_vectors(
+                run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb].expand(n_u, -1, -1, -1), engine.layer), units_c)
             b = engine.target_vectors(run_to_layer(engine.model, canvas[None].expand(n_u, -1, -1, -1), engine.layer), units_v)
         except (IndexError, RuntimeError, ErfLabError):
-            return False
+            return None
     scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
-    return bool((a - b).abs().max() <= 1e-4 * scale)
+    return a if bool((a - b).abs().max() <= 1e-4 * scale) else None
 
 
-def _check_cone(engine: _Engine, x: Tensor) -> bool:
-    """The units' activations with and without cone pruning agree on one (cropped) image."""
+def _check_cone(engine: _Engine, x: Tensor, ref: Optional[Tensor] = None) -> bool:
+    """The units' activations with cone pruning equal ``ref`` (computed without it when None)."""
     with torch.no_grad():
+        xr = x[None].expand(len(engine.geo.units), *x.shape)  # sample u targets unit u
         try:
-            xr = x[None].expand(len(engine.geo.units), *x.shape)  # sample u targets unit u
             a_out, a_units = engine.forward(xr, cone=True)
             a = engine.target_vectors(a_out, a_units)
         except (IndexError, RuntimeError, ErfLabError):
             return False
-        b_out, b_units = engine.forward(xr, cone=False)
-        b = engine.target_vectors(b_out, b_units)
-    scale = max(float(b.abs().max()), 1e-12)
-    return bool((a - b).abs().max() <= 1e-4 * scale)
+        if ref is None:
+            b_out, b_units = engine.forward(xr, cone=False)
+            ref = engine.target_vectors(b_out, b_units)
+    scale = max(float(ref.abs().max()), 1e-12)
+    return bool((a - ref).abs().max() <= 1e-4 * scale)
 
 
 def compute_erf(
@@ -634,16 +639,18 @@ def compute_erf(
             layer, layer_note = _default_layer(model, x_first[0])
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
         engine = _Engine(model, layer, output_index, geo, opts, stop_at_layer)
-        window = None
+        window, ref = None, None
         locality = "not needed" if backend == "engine" else "captum backend: full image"
         if backend == "engine" and crop and geo.layout == "nchw":
             window = _crop_window(geo, hw)
             if window is None:
                 locality = "field covers the image" if geo.local else "not provably local: " + (geo.rf_note or "graph has global or unbounded dependence")
-            elif not _check_locality(engine, x_first[0], window, seed):
-                locality, window = "empirical locality check failed: full image", None
             else:
-                locality = "verified (graph and empirical check)"
+                ref = _check_locality(engine, x_first[0], window, seed)
+                if ref is None:
+                    locality, window = "empirical locality check failed: full image", None
+                else:
+                    locality = "verified (graph and empirical check)"
         if window is not None:
             ya, xa, yb, xb = window
             engine.origin = (ya, xa)
@@ -655,7 +662,7 @@ def compute_erf(
             if plan:
                 engine.cone = ConeCrop(model, plan, geo.rf, geo.centers)
                 x_check = x_first[0] if window is None else x_first[0, :, ya:yb, xa:xb]
-                if _check_cone(engine, x_check):
+                if _check_cone(engine, x_check, ref):
                     cone_note = f"{len(plan)} layers cropped to the unit's cone (verified)"
                 else:
                     engine.cone, cone_note = None, "cone check failed: off"

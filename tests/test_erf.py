@@ -231,7 +231,7 @@ def test_empirical_locality_check_catches_global_routing():
         geo.local = True  # pretend the graph said "local": the empirical check must still decide
         window = _crop_window(geo, (48, 48))
         engine = _Engine(model, None, None, geo, PRESETS["replknet"], True)
-        assert _check_locality(engine, x, window, seed=0) is expect
+        assert (_check_locality(engine, x, window, seed=0) is not None) is expect
 
 
 def test_layouts_nhwc_tokens_and_tuple_outputs_agree_with_nchw():
