@@ -12,6 +12,18 @@ __all__ = ["deform_kernel_conv2d"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device``, or None when autocast is off there."""
+    kind = device.type
+    if kind not in ("cpu", "cuda"):
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4 has no device-type argument
+        return None
+    return torch.get_autocast_dtype(kind) if enabled else None
+
+
 def _shape(t: Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
@@ -90,6 +102,9 @@ def deform_kernel_conv2d(
         stride, padding, dilation (int or Tuple[int, int]): as in ``torch.nn.functional.conv2d``.
         groups (int): blocked channel groups, as in ``torch.nn.functional.conv2d``.
 
+    Under ``torch.autocast`` the op follows ``conv2d``: every tensor argument is cast
+    to the autocast dtype (float16/bfloat16 are accumulated in float32).
+
     Returns:
         Tensor[batch_size, out_channels, out_height, out_width]
 
@@ -102,6 +117,15 @@ def deform_kernel_conv2d(
         >>> y.shape
         torch.Size([2, 8, 16, 16])
     """
+    if isinstance(input, Tensor):
+        autocast_dtype = _autocast_dtype(input.device)
+        if autocast_dtype is not None:
+            # Autocast policy: like conv2d, run in the autocast dtype (float32 accumulation inside).
+            args = [None if t is None else t.to(autocast_dtype) for t in (input, weight, kernel_offset, offset, mask, bias)]
+            with torch.autocast(input.device.type, enabled=False):
+                return deform_kernel_conv2d(
+                    *args, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups
+                )
     kh, kw = kernel_size = pair(kernel_size, "kernel_size")
     stride = pair(stride, "stride")
     padding = pair(padding, "padding")

@@ -165,7 +165,8 @@ def deform_kernel_conv2d_reference(
     elif kernel_offset.dim() == 2:
         out = torch.einsum("ngoct,ngctl->ngol", kernel[..., 0], cols)
     else:
-        out = torch.einsum("ngoctl,ngctl->ngol", kernel, cols)
+        # A plain broadcast product and sum: einsum's bmm plan for this pattern is ~80x slower on CPU.
+        out = (kernel * cols.unsqueeze(2)).sum(dim=(3, 4))
     out = out.reshape(n, c_out, ho, wo)
     if bias is not None:
         out = out + bias.view(1, c_out, 1, 1)

@@ -241,3 +241,19 @@ def test_importing_dk_ops_does_not_pull_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
     assert dk_ops.__all__
+
+
+@pytest.mark.parametrize("cls", DK_CLASSES + [DeformConv2d])
+def test_modules_run_under_autocast_like_conv2d(cls):
+    m = cls(4, 4, 3, padding=1, groups=4)
+    for gen in [getattr(m, "kernel_offset_generator", None), getattr(m, "offset_generator", None)]:
+        if gen is not None:
+            nn.init.normal_(gen.weight, std=0.1)
+    x = torch.randn(2, 4, 6, 6)
+    expected = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    y.float().sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.dtype == torch.float32
