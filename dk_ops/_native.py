@@ -20,9 +20,10 @@ After loading, the fake (meta) kernels and the autograd formulas are registered
 with ``torch.library.register_fake`` / ``register_autograd``; the backward
 calls the registered ``dk_ops::_deform_kernel_conv2d_backward`` op.
 
-Autocast policy: no autocast kernel is registered, so the op runs in the dtype
-of its arguments (which must agree); float16/bfloat16 are computed with float32
-accumulation (CUDA) or in float32 (CPU), so the op is safe in reduced precision.
+Autocast policy: no autocast kernel is registered; :func:`dk_ops.deform_kernel_conv2d`
+casts every argument to the autocast dtype (conv2d's rule) and calls the op with
+autocast off. float16/bfloat16 are computed with float32 accumulation (CUDA) or
+in float32 (CPU), so the op is safe in reduced precision.
 """
 import hashlib
 import os
