@@ -6,6 +6,7 @@ argument validation) becomes one line on stderr and exit code 2; ``--debug``
 shows the traceback instead.
 """
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -356,6 +357,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`erf-lab layers | head`): stop quietly, as Unix tools do.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":
