@@ -47,11 +47,14 @@ class StudyNet(nn.Module):
         depth: int = 2,
         expand: int = 2,
         stem_width: int = 16,
+        stem_stride: int = 1,
         **layer_kwargs,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True)
+            nn.Conv2d(in_chans, stem_width, 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=True),
         )
         blocks: List[nn.Module] = []
         in_ch = stem_width
