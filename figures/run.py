@@ -1,4 +1,5 @@
 """The whole run behind ``erf-lab figures``: models, then every figure, then the report."""
+import json
 import os
 import shlex
 import sys
@@ -8,13 +9,40 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from erf_lab.errors import ErfLabError
 
-from ._io import FigureResult, PathLike, Stages, write_json
+from ._io import FigureResult, PathLike, Stages, rel, write_csv, write_json
 from .config import FiguresConfig, config_for, prepare_models
 
 __all__ = ["run_figures", "FIGURES"]
 
 #: Figure ids in the order they are made.
 FIGURES = ("theory", "accuracy", "erf", "tsne", "offsets")
+
+
+def _save_result(root: Path, r: FigureResult) -> None:
+    """``DIR/NAME/result.json`` (+ ``result_table.csv``): lets a later partial run show this figure in its report."""
+    d = root / r.name
+    if r.table is not None:
+        write_csv(d / "result_table.csv", r.table)
+    write_json(d / "result.json", {"name": r.name, "title": r.title, "files": rel(r.files, root), "summary": r.summary,
+                                   "claims": r.claims, "table": r.table is not None})
+
+
+def _load_result(root: Path, name: str) -> Optional[FigureResult]:
+    try:
+        meta = json.loads((root / name / "result.json").read_text())
+        table = _read_csv(root / name / "result_table.csv") if meta.get("table") else None
+    except (OSError, ValueError, KeyError):
+        return None
+    files = [root / f for f in meta["files"]]
+    if not all(f.is_file() for f in files):
+        return None
+    return FigureResult(meta["name"], meta["title"], files, meta.get("summary", {}), table, list(meta.get("claims", [])))
+
+
+def _read_csv(path: Path) -> Any:
+    import pandas as pd
+
+    return pd.read_csv(path)
 
 
 def _device(device: Optional[str]) -> str:
@@ -99,6 +127,7 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         with stages(f"figure {name}"):
             try:
                 results.append(make(name))
+                _save_result(root, results[-1])
             except (ErfLabError, ImportError, RuntimeError, ValueError) as exc:
                 failures[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 if progress:
@@ -112,7 +141,13 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
             notes.append(f"Models taken from {models_dir} (not trained by this run).")
         options = dict(cfg.to_dict(), device=dev, models_dir=str(models_dir) if models_dir else None,
                        figures=list(wanted))
-        paths = write_report(root, results, command=command, options=options, failures=failures,
+        earlier = [r for r in (_load_result(root, f) for f in FIGURES if f not in wanted) if r is not None]
+        if earlier:
+            notes.append("Figures not made by this command, shown from an earlier run in the same folder: "
+                         + ", ".join(r.name for r in earlier) + " (see run.json of that run for its options).")
+        order = {f: i for i, f in enumerate(FIGURES)}
+        shown = sorted(results + earlier, key=lambda r: order[r.name])
+        paths = write_report(root, shown, command=command, options=options, failures=failures,
                              stage_seconds=dict(stages.times), notes=notes)
         write_json(root / "run.json", {"command": command, "options": options, "failures": failures,
                                         "stage_seconds": stages.times,

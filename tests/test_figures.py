@@ -251,3 +251,8 @@ def test_run_figures_with_user_models(tiny, tmp_path):
     md = run["report"].read_text()
     assert "Command: `test`" in md and "| op |" in md and "accuracy/accuracy.png" in md
     assert not (tmp_path / "models").exists()  # nothing trained
+    # a later partial run keeps the earlier figures in the report
+    run2 = figures.run_figures(tmp_path, only=["theory"], progress=False, command="test2", theory_depths=(1, 2))
+    md = run2["report"].read_text()
+    assert "Command: `test2`" in md and "accuracy/accuracy.png" in md and "theory/theory.png" in md
+    assert "from an earlier run" in md and md.index("Linear ERF theory") < md.index("Accuracy, size")
