@@ -1,35 +1,16 @@
 """Small private helpers shared by the analyses: atomic writes, JSON-safe values, versions."""
 import json
 import math
-import os
 import platform
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Dict, Union
 
 import numpy as np
 
+from erf_lab._io import atomic_write  # noqa: F401  (re-exported for the analyses)
+
 PathLike = Union[str, Path]
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Calls ``write(tmp_path)`` and renames the result onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -13,9 +13,7 @@ stride-aligned crop around that field is computed.
 """
 import json
 import math
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -30,6 +28,7 @@ from . import distributed as _dist
 from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
 from .errors import ErfLabError
 from .metrics import erf_metrics, replknet_transform
+from ._io import atomic_write
 
 __all__ = ["compute_erf", "ERFResult", "PRESETS", "ERFOptions"]
 
@@ -101,20 +100,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return _jsonable(v.tolist())
     return v
-
-
-def atomic_write(path: Union[str, Path], write) -> None:
-    """Calls ``write(tmp_path)`` then renames onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

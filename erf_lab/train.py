@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -45,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .errors import ErfLabError
+from ._io import atomic_write
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -61,24 +61,9 @@ def companion_paths(out_path: PathLike) -> Dict[str, Path]:
     return {"best": out, "last": Path(f"{stem}.last.pt"), "metrics": Path(f"{stem}.metrics.json")}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(checkpoint: Dict[str, Any], path: PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
-    _atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), fsync=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,7 +81,7 @@ def _jsonable(value: Any) -> Any:
 def write_json(obj: Dict[str, Any], path: PathLike) -> None:
     """Strict JSON (infinities as ``"inf"``), written atomically."""
     text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode()), fsync=True)
 
 
 def versions() -> Dict[str, str]:

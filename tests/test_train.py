@@ -1,5 +1,7 @@
 """erf_lab.train and `erf-lab train`: smoke runs per op, checkpoint round trip, exact resume,
 atomic writes, held-out splits for sources without splits, errors."""
+import contextlib
+import os
 import json
 
 import numpy as np
@@ -109,7 +111,8 @@ def test_interrupt_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     real_save = torch.save
 
     def dying_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as fh:
+            fh.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)

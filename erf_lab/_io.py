@@ -1,0 +1,34 @@
+"""Atomic file writes shared by every layer that saves results (erf_lab, analyses, figures)."""
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+PathLike = Union[str, Path]
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = False) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it onto ``path``.
+
+    Readers never see a half-written file and an interrupt leaves the previous file intact.
+    The file gets the usual permissions (``mkstemp`` makes it 0600); ``fsync`` flushes it to
+    disk before the rename (for checkpoints).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
