@@ -4,13 +4,14 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+from erf_lab._io import atomic_write  # noqa: F401  (re-exported for the figures)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,22 +57,6 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Calls ``write(tmp_path)`` for a temporary file beside ``path``, then renames it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_text(path: PathLike, text: str) -> Path:
