@@ -1,6 +1,5 @@
 """Small private helpers shared by the analyses: atomic writes, JSON-safe values, versions."""
 import json
-import math
 import platform
 import re
 from pathlib import Path
@@ -8,7 +7,7 @@ from typing import Any, Dict, Union
 
 import numpy as np
 
-from erf_lab._io import atomic_write  # noqa: F401  (re-exported for the analyses)
+from erf_lab._io import atomic_write, jsonable  # noqa: F401  (re-exported for the analyses)
 
 PathLike = Union[str, Path]
 
@@ -31,26 +30,6 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
             f.write(data)
 
     return atomic_write(path, write)
-
-
-def jsonable(v: Any) -> Any:
-    """``v`` with numpy scalars/arrays turned into Python values and non-finite floats into None."""
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 def dumps(obj: Any) -> str:

@@ -1,8 +1,11 @@
 """Atomic file writes shared by every layer that saves results (erf_lab, analyses, figures)."""
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
+
+import numpy as np
 
 PathLike = Union[str, Path]
 
@@ -32,3 +35,23 @@ def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = Fal
             os.unlink(tmp)
         raise
     return path
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with numpy scalars/arrays turned into Python values and non-finite floats into None."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist())
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, Path):
+        return str(v)
+    return v

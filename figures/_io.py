@@ -1,6 +1,5 @@
 """Shared plumbing of the figure recipes: atomic writes, PNG+PDF figures, metadata, stage lines."""
 import json
-import math
 import os
 import platform
 import sys
@@ -11,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from erf_lab._io import atomic_write  # noqa: F401  (re-exported for the figures)
+from erf_lab._io import atomic_write, jsonable  # noqa: F401  (re-exported for the figures)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,24 +38,6 @@ class FigureResult:
     @property
     def images(self) -> List[Path]:
         return [f for f in self.files if f.suffix == ".png"]
-
-
-def jsonable(v: Any) -> Any:
-    """Plain JSON types; non-finite floats become None."""
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist())
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 def write_text(path: PathLike, text: str) -> Path:
