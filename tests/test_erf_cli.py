@@ -30,7 +30,7 @@ def run(args, cwd, timeout=300):
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    m = models.create("study_net", op="dk", num_classes=3)
+    m = models.create("study_net", op="dk", num_classes=3, stem_stride=1)
     torch.save({"format": "erf-lab-checkpoint", "version": 1, "arch": "study_net", "arch_kwargs": m.arch_kwargs,
                 "state_dict": m.state_dict(), "data_spec": "noise", "class_names": ["a", "b", "c"],
                 "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "input_size": [3, 48, 48]}, d / "c.pt")
