@@ -94,6 +94,41 @@ def test_render_box_is_exactly_the_pasted_ink():
         assert h >= len(ink_rows) * 0.5 or h >= 3
 
 
+def test_fresh_train_renders_per_epoch():
+    train = open_data(SMALL, split="train")
+    cached = [train[i] for i in range(4)]
+    train.set_epoch(1)
+    one = [train[i] for i in range(4)]
+    train.set_epoch(2)
+    two = [train[i] for i in range(4)]
+    train.set_epoch(1)
+    again = [train[i] for i in range(4)]
+    for c, a, b, r in zip(cached, one, two, again):
+        assert c["label"] == a["label"] == b["label"] and c["index"] == a["index"]  # same glyph and label
+        assert not torch.equal(c["image"], a["image"]) and not torch.equal(a["image"], b["image"])
+        assert torch.equal(a["image"], r["image"]) and torch.equal(a["box"], r["box"])  # seeded by epoch
+        x, y, w, h = a["box"].tolist()
+        assert x >= 0 and y >= 0 and x + w <= 32 and y + h <= 32
+        size = np.sqrt(w * h)
+        assert a["size_bin"] == bin_of(np.array([size]), train.size_bin_edges)[0]  # the fresh box's bin
+    # the glyph is the one of the item: the fresh render equals render_sample of that glyph
+    from sklearn.datasets import load_digits
+
+    j = one[0]["index"]
+    rng = np.random.default_rng([0, 3, 1, j])
+    s = digits_ms.render_sample(rng, load_digits().images[train.glyphs[0]], digits_ms._photos(), 32, jitter=True)
+    expect = (torch.from_numpy(s["image"].astype(np.float32) / 255.0).permute(2, 0, 1) - train._mean_t) / train._std_t
+    assert torch.allclose(one[0]["image"], expect, atol=1e-6)
+    # val and test never change; fresh=0 keeps the cached train renders
+    val = open_data(SMALL, split="val")
+    v0 = val[0]["image"]
+    val.set_epoch(3)
+    assert torch.equal(val[0]["image"], v0)
+    fixed = open_data(SMALL + ",fresh=0", split="train")
+    fixed.set_epoch(5)
+    assert torch.equal(fixed[0]["image"], cached[0]["image"])
+
+
 def test_boxes_inside_images_and_scaled_with_image_size(small_arrays):
     ds = open_data(SMALL, split="test")
     boxes = small_arrays["test_boxes"]

@@ -7,10 +7,11 @@ pasted at many scales and positions onto crops of ``load_sample_images`` (two ph
 For every sample (all random draws from one seeded generator):
 
 * a background: a square crop of a random photograph (side log-uniform between the image
-  side and the photo's height), resized to the image side, maybe mirrored, at 0.3-0.7 of its
-  contrast (so the digit is the salient object) and 0.8-1.2 of its brightness (``jitter=0``:
-  fixed 0.5 and 1);
-* an object size ``s``, log-uniform in ``[0.1, 0.7] x`` image side (a 7x range) and drawn
+  side and the photo's height), resized to the image side, maybe mirrored, at 0.15-0.4 of its
+  contrast (so the digit is the salient object; textures stay visible) and 0.8-1.2 of its
+  brightness (``jitter=0``: fixed 0.275 and 1);
+* an object size ``s``, log-uniform in ``[0.12, 0.84] x`` image side (a 7x range: at 64 px,
+  7.7 to 54 px, so the smallest glyph keeps about its native 8x8 resolution) and drawn
   independently of the class; the glyph is scaled so that its ink box has ``sqrt(w * h) ~ s``
   (only glyphs too tall for the image at the top sizes are shrunk to fit: 0.95 x side);
 * an ink colour that contrasts with the background under the box: each channel within 0.3 of
@@ -24,7 +25,13 @@ source digit, stratified by class: 60% of the glyphs for ``train``, 10% for ``va
 Size bins are quantiles of ``sqrt(w * h)`` over the train split (same edges for every split).
 Images are normalised with the train split's per-channel mean and std.
 
-Spec options: ``digits-ms:SIZE`` or ``digits-ms:size=64,seed=0,renders=4,jitter=1``.
+Training draws fresh renders: with ``fresh=1`` (the default) the train split's items are
+re-rendered for every epoch ``e >= 1`` set by :meth:`DigitsMS.set_epoch` (same glyph, label
+and distribution; a new background, size, position and ink, seeded by ``(seed, e, item)``),
+so a model sees a new image of each glyph every epoch instead of memorising a few renders.
+Epoch 0 (and any use that never calls ``set_epoch``) reads the cached renders.
+
+Spec options: ``digits-ms:SIZE`` or ``digits-ms:size=64,seed=0,renders=4,jitter=1,fresh=1``.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,17 +45,17 @@ from tqdm.auto import tqdm
 from ..errors import ErfLabError
 from ._cache import cached_arrays
 from .base import SampleDataset
-from .bins import SizeBins
+from .bins import SizeBins, bin_of
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.1}  # test: the rest
 EVAL_RENDERS = 2
-SIZE_RANGE = (0.1, 0.7)
-BG_CONTRAST = (0.3, 0.7)  # photographs at reduced contrast, so the digit is the salient object
+SIZE_RANGE = (0.12, 0.84)  # a 7x range; 0.12 x 64 px keeps the 8x8 glyph at native resolution
+BG_CONTRAST = (0.15, 0.4)  # photographs at reduced contrast, so the digit is the salient object
 INK_SPREAD = 0.3  # ink channels within 0.3 of black (bright background) or white (dark background)
 ALPHA_CUT = 0.05
 CLASS_NAMES = [str(d) for d in range(10)]
-_DEFAULTS = {"size": 64, "seed": 0, "renders": 4, "jitter": 1}
+_DEFAULTS = {"size": 64, "seed": 0, "renders": 4, "jitter": 1, "fresh": 1}
 
 
 def _options(options: Dict[str, str], spec: str) -> Dict[str, int]:
@@ -184,16 +191,21 @@ def load_arrays(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1
 class DigitsMS(SampleDataset):
     """The ``digits-ms`` data set (see the module docstring); items as :class:`SampleDataset`.
 
-    Extra attributes: ``glyphs`` (source digit index of each item) and ``boxes``.
-    ``image_size`` other than the generated side resizes the images (bilinear) and boxes.
+    Extra attributes: ``glyphs`` (source digit index of each item) and ``boxes`` (those of
+    the cached renders). ``image_size`` other than the generated side resizes the images
+    (bilinear) and boxes. :meth:`set_epoch` selects fresh train renders (``fresh=1``).
     """
 
     def __init__(self, spec: str, options: Dict[str, str], split: str, image_size: Optional[Tuple[int, int]],
                  channels: int, num_images: Optional[int], seed: int, size_bins: SizeBins) -> None:
         opts = _options(options, spec)
-        arrays = load_arrays(**opts)
+        self._opts = opts
+        self.epoch = 0
+        self._render_src: Optional[Tuple[np.ndarray, List[np.ndarray]]] = None
+        arrays = load_arrays(**{k: v for k, v in opts.items() if k != "fresh"})
         names = ["train", "val", "test"] if split == "all" else [split]
         self._images = [arrays[f"{n}_images"] for n in names]
+        self._train_part = names.index("train") if "train" in names else None
         self._offsets = np.cumsum([0] + [len(a) for a in self._images])
         boxes = np.concatenate([arrays[f"{n}_boxes"] for n in names])
         labels = np.concatenate([arrays[f"{n}_labels"] for n in names])
@@ -212,16 +224,49 @@ class DigitsMS(SampleDataset):
             num_images=num_images, seed=seed, bin_reference_sizes=train_sizes,
         )
         self.glyphs = glyphs[self._indices]
+        self._all_glyphs = glyphs
         self._all_boxes = boxes
         self.boxes = boxes[self._indices]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Use the train renders of ``epoch``: the cached ones for 0, fresh ones after
+        (only with ``fresh=1``; val and test items never change)."""
+        self.epoch = int(epoch)
+
+    def _fresh_render(self, j: int) -> Tuple[np.ndarray, np.ndarray]:
+        if self._render_src is None:
+            from sklearn.datasets import load_digits
+
+            self._render_src = (load_digits().images, _photos())
+        glyph_images, photos = self._render_src
+        rng = np.random.default_rng([self._opts["seed"], 3, self.epoch, j])
+        sample = render_sample(rng, glyph_images[self._all_glyphs[j]], photos, self.generated_size,
+                               bool(self._opts["jitter"]))
+        return sample["image"], sample["box"]
+
+    def _is_fresh(self, j: int) -> bool:
+        part = int(np.searchsorted(self._offsets, j, side="right") - 1)
+        return bool(self.epoch > 0 and self._opts["fresh"] and part == self._train_part)
+
+    def __getitem__(self, i: int):
+        item = super().__getitem__(i)
+        if self._is_fresh(int(item["index"])) and self.size_bin_edges is not None:
+            # the bin of the fresh render's box, measured at the generated side like the edges
+            w, h = (float(v) for v in item["box"][2:])
+            scale = self.generated_size / np.sqrt(self.image_size[0] * self.image_size[1])
+            item["size_bin"] = int(bin_of(np.array([np.sqrt(w * h) * scale]), self.size_bin_edges)[0])
+        return item
+
     def _load(self, j: int) -> Tuple[Tensor, Tensor]:
         part = int(np.searchsorted(self._offsets, j, side="right") - 1)
-        raw = np.asarray(self._images[part][j - self._offsets[part]])
+        if self.epoch > 0 and self._opts["fresh"] and part == self._train_part:
+            raw, box_np = self._fresh_render(j)
+        else:
+            raw, box_np = np.asarray(self._images[part][j - self._offsets[part]]), self._all_boxes[j].copy()
         image = torch.from_numpy(raw.astype(np.float32) / 255.0).permute(2, 0, 1)
         if self.channels == 1:
             image = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-        box = torch.from_numpy(self._all_boxes[j].copy())
+        box = torch.from_numpy(box_np)
         h, w = self.image_size
         if (h, w) != (self.generated_size, self.generated_size):
             image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
