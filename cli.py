@@ -170,8 +170,10 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue from CKPT's .last.pt up to --epochs")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 AdamW, 0.1 SGD)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-3 AdamW, 0.1 SGD)")
+    p.add_argument("--offset-lr-mult", type=float, default=0.1,
+                   help="learning-rate factor of DK/DCN offset generators (default: 0.1, as DCN does)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float)
@@ -191,7 +193,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
         m = train(
             args.arch, args.op, args.data, args.epochs, args.out, seed=args.seed, device=args.device,
             resume=args.resume, lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers,
-            optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+            offset_lr_mult=args.offset_lr_mult, optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
             augment=not args.no_augment, image_size=args.image_size, arch_kwargs=kwargs,
             max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
             skip_bad=args.skip_bad, progress=not args.no_progress,

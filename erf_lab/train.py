@@ -3,7 +3,8 @@
 :func:`train` builds ``dk_ops.models.create(arch, op=op, num_classes=K, **arch_kwargs)``,
 trains it with AdamW (or SGD with Nesterov momentum) on a cosine schedule with a linear
 warm-up, light augmentation (random shifts of up to 1/16 of the image side; no flips, which
-would change digits), validates every epoch, and keeps two checkpoints:
+would change digits; ``digits-ms`` also renders fresh training images every epoch),
+validates every epoch, and keeps two checkpoints:
 
 * ``OUT`` -- the best epoch by validation accuracy, the file to analyse
   (``erf-lab erf --model OUT``); its ``metrics`` include the test accuracy;
@@ -12,6 +13,13 @@ would change digits), validates every epoch, and keeps two checkpoints:
 
 and ``OUT.metrics.json`` beside them. Every write goes to a temporary file in the same
 folder and is renamed into place, so an interrupt leaves the previous files intact.
+
+Offset generators (the ``*offset_generator*`` parameters of DK and DCN layers) learn at
+``offset_lr_mult`` (default 0.1) times the learning rate, the convention of DCN
+implementations (mmcv/mmdetection's ``lr_mult=0.1`` on ``conv_offset``): with Adam at the
+full rate, one step moves a zero-initialised generator's offsets by about ``lr x fan-in``
+pixels, so within ten steps kernels sample far outside their 4x4 scope (an all-zero kernel
+with zero gradient) and training stalls at chance.
 
 Randomness is seeded per epoch (shuffling, augmentation and the global torch generator are
 reseeded from ``(seed, epoch)``), so ``resume`` after epoch ``k`` gives the same weights as
@@ -207,11 +215,12 @@ def train(
     device: Union[str, torch.device] = "cpu",
     resume: bool = False,
     lr: Optional[float] = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     num_workers: int = 0,
     optimizer: str = "adamw",
     weight_decay: Optional[float] = None,
     warmup_epochs: float = 0.5,
+    offset_lr_mult: float = 0.1,
     label_smoothing: float = 0.0,
     augment: bool = True,
     image_size: Union[int, Sequence[int], None] = None,
@@ -233,11 +242,12 @@ def train(
         seed: seeds the model initialisation, shuffling and augmentation.
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         resume: continue from ``OUT.last.pt`` (or ``OUT``) when it exists.
-        lr: peak learning rate (default 3e-3 for AdamW, 0.1 for SGD).
+        lr: peak learning rate (default 6e-3 for AdamW, 0.1 for SGD).
         batch_size, num_workers: of the training loader.
         optimizer: ``adamw`` or ``sgd``.
         weight_decay: default 0.05 (AdamW) or 5e-4 (SGD).
         warmup_epochs: linear warm-up length, in epochs.
+        offset_lr_mult: learning-rate factor of the offset generators (DK, DCN).
         label_smoothing: of the cross-entropy loss.
         augment: random shifts of up to 1/16 of the image side.
         image_size, channels: passed to ``open_data``.
@@ -262,6 +272,8 @@ def train(
         raise ErfLabError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ErfLabError(f"batch size must be >= 1, got {batch_size}")
+    if not offset_lr_mult >= 0:
+        raise ErfLabError(f"offset_lr_mult must be >= 0, got {offset_lr_mult}")
     optimizer = optimizer.lower()
     if optimizer not in ("adamw", "sgd"):
         raise ErfLabError(f"optimizer must be adamw or sgd, got {optimizer!r}")
@@ -283,11 +295,16 @@ def train(
     cx = models.complexity(model, input_size=(channels, h, w))
     model.to(dev)
 
-    peak_lr = lr if lr is not None else (3e-3 if optimizer == "adamw" else 0.1)
+    peak_lr = lr if lr is not None else (6e-3 if optimizer == "adamw" else 0.1)
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for is_offset in (False, True):
+        for decays in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if ("offset_generator" in n) == is_offset and (p.ndim > 1) == decays]
+            if params:
+                groups.append({"params": params, "weight_decay": wd if decays else 0.0,
+                               "lr": peak_lr * (offset_lr_mult if is_offset else 1.0)})
     opt = (torch.optim.AdamW(groups, lr=peak_lr) if optimizer == "adamw"
            else torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, nesterov=True))
     steps_per_epoch = math.ceil(len(sets["train"]) / batch_size)
@@ -295,7 +312,7 @@ def train(
         opt, _lr_lambda(int(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch))
 
     train_args = dict(optimizer=optimizer, lr=peak_lr, weight_decay=wd, batch_size=batch_size, epochs=epochs,
-                      warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
+                      warmup_epochs=warmup_epochs, offset_lr_mult=offset_lr_mult, label_smoothing=label_smoothing, augment=augment, seed=seed,
                       max_train_images=max_train_images, max_eval_images=max_eval_images, device=str(dev))
     metrics: Dict[str, Any] = {"history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0,
                                "params": int(cx["params"]), "macs": int(cx["macs"]),
@@ -330,6 +347,8 @@ def train(
         t0 = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)  # dropout-like randomness inside the model
         gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
+        if hasattr(base, "set_epoch"):
+            base.set_epoch(epoch)  # fresh digits-ms renders; a no-op for other sources
         loader = DataLoader(sets["train"], batch_size=batch_size, shuffle=True, generator=gen,
                             num_workers=num_workers, drop_last=len(sets["train"]) > batch_size)
         model.train()

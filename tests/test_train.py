@@ -104,6 +104,49 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert not torch.equal(c["state_dict"]["fc.weight"], b["state_dict"]["fc.weight"])
 
 
+@pytest.mark.parametrize("op", ["dk", "dcn"])
+def test_offset_generators_learn_at_a_tenth_of_the_rate(op, tmp_path):
+    train("study_net", op, DATA, 1, tmp_path / "ck.pt", seed=0, lr=1e-3, **QUICK)
+    opt = _state(tmp_path / "ck.last.pt")["optimizer"]
+    model = models.create("study_net", op=op, num_classes=10, **TINY)
+    params = dict(model.named_parameters())
+    offsets = {n for n in params if "offset_generator" in n}
+    assert offsets
+    # optimizer state indexes parameters in group order; their moments have the parameters' shapes
+    numel = {}
+    for group in opt["param_groups"]:
+        for i in group["params"]:
+            lr = round(group["initial_lr"], 12)
+            numel[lr] = numel.get(lr, 0) + opt["state"][i]["exp_avg"].numel()
+    assert numel == {1e-4: sum(params[n].numel() for n in offsets),
+                     1e-3: sum(p.numel() for n, p in params.items() if n not in offsets)}
+
+
+@pytest.mark.parametrize("mult, inside", [(0.1, True), (1.0, False)])
+def test_dk_training_keeps_kernel_offsets_inside_the_scope(mult, inside, tmp_path):
+    """With Adam at the full rate a zero-initialised offset generator moves its offsets by
+    about lr x fan-in pixels per step (kernels sampled far outside the 4x4 scope within ten
+    steps, where they are zero and get no gradient: training stalls at chance); the 0.1
+    factor keeps them near the scope (its taps sit at 0.5..2.5, so |offset| < 2.5 inside)."""
+    out = tmp_path / "ck.pt"
+    train("study_net", "dk", DATA, 1, out, seed=0, lr=6e-3, offset_lr_mult=mult, warmup_epochs=0.0,
+          **dict(QUICK, arch_kwargs={}, max_train_images=320))
+    ck = _state(companion_paths(out)["last"])
+    model = models.create("study_net", **ck["arch_kwargs"]).eval()
+    model.load_state_dict(ck["state_dict"])
+    inputs = {}
+    layers = [m for m in model.modules() if hasattr(m, "kernel_offset_generator")]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: inputs.__setitem__(mod, inp[0])) for m in layers]
+    batch = torch.stack([open_data(DATA, split="val")[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        model(batch)
+        biggest = max(float(m.kernel_offset_generator(inputs[m]).abs().max()) for m in layers)
+    for h in hooks:
+        h.remove()
+    assert biggest > 0.0
+    assert (biggest < 2.5) == inside, biggest
+
+
 def test_interrupt_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     out = tmp_path / "ck.pt"
     train("study_net", "conv", DATA, 1, out, seed=0, **QUICK)
