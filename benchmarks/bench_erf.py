@@ -4,7 +4,8 @@ The baseline is a plain restatement of RepLKNet's erf/visualize_erf.py: batch 1,
 (the layer's output caught by a hook, the head still runs), ``relu(y[:, :, u]).sum()``, one
 ``autograd.grad``, ``relu(grad).sum((0, 1))``, a host copy and a NaN check per image, a running mean.
 The engine is :func:`erf_lab.compute_erf` with its defaults (batched, forward stopped at the layer,
-verified crop around the unit's receptive field when that is exact). Each side runs in its own
+channels-last on CPU, a crop around the unit's receptive field and its cone when the graph says that
+is exact, verified on the first batch at the cost of one batch-1 forward). Each side runs in its own
 subprocess so its peak memory (max RSS on CPU, max allocated on CUDA) is its own; maps must agree
 to relative L1 < 1e-4. Both wall-clock and CPU-time ratios are reported: on a shared CPU the
 wall clock swings with other load, the process CPU time much less.
@@ -104,11 +105,12 @@ def worker(args) -> None:
         erf, meta = total / count, {}
     else:
         kw = dict(layer=args.layer, unit=unit, batch_size=args.batch_size, device=device, progress=False,
-                  channels_last=args.channels_last)
+                  channels_last={"auto": "auto", "on": True, "off": False}[args.channels_last])
         if args.mode == "full_forward":
             kw.update(stop_at_layer=False, crop=False)
         r = compute_erf(model, images, **kw)
-        erf, meta = r.map, {"crop": r.meta["crop"], "locality": r.meta["locality"]}
+        erf, meta = r.map, {"crop": r.meta["crop"], "locality": r.meta["locality"], "cone": r.meta["cone"],
+                            "channels_last": r.meta["channels_last"]}
     _sync(device)
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
@@ -122,8 +124,7 @@ def run_side(case, side, n, layer, mode, args, tmp):
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--side", str(side), "--n", str(n), "--layer", layer,
            "--device", args.device, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
            "--map-out", f"{stem}.npy", "--json-out", f"{stem}.json"]
-    if args.channels_last:
-        cmd.append("--channels-last")
+    cmd += ["--channels-last", args.channels_last]
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     import numpy as np
 
@@ -142,7 +143,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                    help="the engine's memory format (default: compute_erf's own choice, channels-last on CPU)")
     ap.add_argument("--cases", default="b1024,b224,early")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not the README numbers")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -167,7 +169,7 @@ def main() -> None:
                 "speedup": ref["seconds"] / eng["seconds"], "cpu_speedup": ref["cpu_seconds"] / eng["cpu_seconds"],
                 "rel_l1": rel_l1,
                 "ref_peak_mb": ref["peak_mb"], "engine_peak_mb": eng["peak_mb"], "crop": eng.get("crop"),
-                "locality": eng.get("locality"),
+                "locality": eng.get("locality"), "cone": eng.get("cone"), "channels_last": eng.get("channels_last"),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -8,8 +8,12 @@ Speed: images are batched (eval mode keeps per-image gradients independent, so t
 gradient of the batch sum is every image's own gradient), the forward stops at ``L``, the
 parameters' gradients are never built, accumulation stays on the device in float64,
 non-finite per-image maps are skipped and counted, and when the unit provably reads only
-its theoretical receptive field (checked on the graph *and* empirically), only a
-stride-aligned crop around that field is computed.
+its theoretical receptive field, only a stride-aligned crop around that field is computed
+(with intermediate maps cropped to the unit's cone). "Provably": the traced graph says so,
+and the first batch checks it before its backward: one image's raw channel vectors at the
+units, computed with crop and cone inside the real batch, must equal a plain batch-1 forward
+on the crop framed by strong noise (global pooling, SE, GroupNorm, routing or attention change
+them); otherwise the cone, then the crop, is dropped. The check costs one batch-1 forward.
 """
 import json
 import math
@@ -362,6 +366,15 @@ def _default_layer(model: nn.Module, x0: Tensor) -> Tuple[Optional[str], str]:
     return spatial[-1], f"layer=None: the output has no spatial grid; using the last spatial layer {spatial[-1]!r}"
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """Images are fed in the dtype of the model's first floating parameter (or buffer): a float64
+    model is analysed in float64. Default dtype when the model holds no floating tensor."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
 def _crop_window(geo: _Geometry, hw: Tuple[int, int]) -> Optional[Tuple[int, int, int, int]]:
     """Stride-aligned (y0, x0, y1, x1) crop holding every unit's field, or None when it saves nothing."""
     if not geo.local or geo.rf_size is None:
@@ -413,12 +426,18 @@ class _Engine:
         jy, jx = (int(v) for v in self.geo.jump)
         return out, self.units_for((self.origin[0] // jy, self.origin[1] // jx))
 
-    def target_vectors(self, out: Any, units: List[Tuple[int, int]]) -> Tensor:
-        y = select_output(out, self.output_index)
-        v = unit_activation(y, self.geo.layout, units, self.geo.grid[1], self.geo.prefix)
+    def unit_vectors(self, out: Any, units: List[Tuple[int, int]]) -> Tensor:
+        """The raw channel vectors at the units: (B * U, C)."""
+        return unit_activation(select_output(out, self.output_index), self.geo.layout, units, self.geo.grid[1], self.geo.prefix)
+
+    def reduce(self, v: Tensor) -> Tensor:
+        """Channel vectors (B * U, C) -> the targets (B * U,)."""
         if self.opts.target_rectify == "relu":
             v = F.relu(v)
         return v.sum(1) if self.opts.target_reduction == "sum" else v.mean(1)
+
+    def target_vectors(self, out: Any, units: List[Tuple[int, int]]) -> Tensor:
+        return self.reduce(self.unit_vectors(out, units))
 
     def per_image(self, g: Tensor) -> Tensor:
         """(N, C, H, W) gradients -> (N, H, W) float64 maps."""
@@ -428,15 +447,22 @@ class _Engine:
         m = g.sum(1) if self.opts.color_reduction == "sum" else g.mean(1)
         return m.clamp(min=0) if self.opts.map_rectify == "clamp" else m
 
-    def gradients(self, x: Tensor) -> Tensor:
-        """Input gradients of a (B, C, H, W) batch for every unit: (B, U, C, H, W)."""
+    def gradients(self, x: Tensor, check: Optional[Tuple[int, Tensor]] = None) -> Tensor:
+        """Input gradients of a (B, C, H, W) batch for every unit: (B, U, C, H, W).
+
+        ``check = (b, ref)``: before the backward, image ``b``'s raw channel vectors at the units
+        must equal ``ref`` (a plain forward's, :func:`_reference`); raises :class:`_CheckFailed`
+        otherwise.
+        """
         b, n_u = x.shape[0], len(self.geo.units)
         xr = x.repeat_interleave(n_u, dim=0) if n_u > 1 else x
         xr = xr.detach().requires_grad_(True)
         with torch.enable_grad():
             out, units = self.forward(xr)
-            t = self.target_vectors(out, units).sum()
-            (g,) = torch.autograd.grad(t, xr)
+            v = self.unit_vectors(out, units)
+            if check is not None and (check[1] is None or not _agree(v.detach()[check[0] * n_u : (check[0] + 1) * n_u], check[1])):
+                raise _CheckFailed
+            (g,) = torch.autograd.grad(self.reduce(v).sum(), xr)
         return g.view(b, n_u, *x.shape[1:])
 
     def captum_gradients(self, x: Tensor) -> Tensor:
@@ -449,56 +475,78 @@ class _Engine:
         return torch.stack(outs, 1)
 
 
-def _check_locality(engine: _Engine, x0: Tensor, crop: Tuple[int, int, int, int], seed: int) -> Optional[Tensor]:
-    """Empirical check that the units see nothing outside ``crop``.
+class _CheckFailed(Exception):
+    """The first batch's units disagree with the plain reference: the crop or the cone is not exact."""
 
-    The units' activations on the crop must equal those on a canvas one output stride larger on
-    every interior side, whose pixels outside the crop are strong noise (global pooling, routing
-    or attention would change them). Returns the units' channel reductions on the crop (the
-    reference for the cone check), or None when the check fails or cannot be made.
+
+def _agree(a: Tensor, ref: Tensor) -> bool:
+    """Equal to float32 precision (relative to the larger magnitude), and finite."""
+    if a.shape != ref.shape or not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(ref).all()):
+        return False
+    scale = max(float(a.abs().max()), float(ref.abs().max()))
+    if scale == 0:  # all-zero vectors (a dead unit) verify nothing: do not accept them as a check
+        return False
+    return bool((a - ref).abs().max() <= 1e-4 * scale)
+
+
+def _reference(engine: "_Engine", x0: Tensor, crop: Optional[Tuple[int, int, int, int]], seed: int,
+               channels_last: bool = False) -> Optional[Tensor]:
+    """The raw channel vectors at the units for image ``x0`` (C, H, W) from a plain forward (no crop
+    hooks). Raw, not the rectified target: a unit whose relu'd target is 0 would verify nothing.
+
+    With ``crop``: on a canvas one output stride larger than the crop on every side that fits in
+    the image, its pixels outside the crop strong noise. A unit that reads only its field inside the
+    crop gives the same value on the crop alone; global pooling, SE, GroupNorm statistics, routing or
+    attention over the canvas change it. None when no side has room for such a margin.
+    Without ``crop``: on the full image (the reference for cone pruning of the full image).
+    One batch-1 forward either way; the compared value comes from the first real batch
+    (:meth:`_Engine.gradients` with ``check``), so verification costs no extra crop pass.
     """
-    ya, xa, yb, xb = crop
-    h, w = x0.shape[-2:]
-    jy, jx = (int(v) for v in engine.geo.jump)
-    my, mx = max(jy, 8 // jy * jy), max(jx, 8 // jx * jx)
-    pt, pb = (my if ya >= my else 0), (my if yb + my <= h else 0)
-    pl, pr = (mx if xa >= mx else 0), (mx if xb + mx <= w else 0)
-    if pt + pb + pl + pr == 0:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    canvas = x0[:, ya - pt : yb + pb, xa - pl : xb + pr].clone()
-    noise = 3 * torch.randn(canvas.shape, generator=g).to(canvas)
-    inside = torch.zeros_like(canvas, dtype=torch.bool)
-    inside[:, pt : pt + yb - ya, pl : pl + xb - xa] = True
-    canvas = torch.where(inside, canvas, noise)
-    units_c = [(u[0] - ya // jy, u[1] - xa // jx) for u in engine.geo.units]
-    units_v = [(u[0] + pt // jy, u[1] + pl // jx) for u in units_c]
-    n_u = len(units_c)  # sample u targets unit u
+    units = list(engine.geo.units)
+    canvas = x0
+    if crop is not None:
+        ya, xa, yb, xb = crop
+        h, w = x0.shape[-2:]
+        jy, jx = (int(v) for v in engine.geo.jump)
+        my, mx = max(jy, 8 // jy * jy), max(jx, 8 // jx * jx)
+        pt, pb = (my if ya >= my else 0), (my if yb + my <= h else 0)
+        pl, pr = (mx if xa >= mx else 0), (mx if xb + mx <= w else 0)
+        if pt + pb + pl + pr == 0:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        canvas = x0[:, ya - pt : yb + pb, xa - pl : xb + pr].clone()
+        noise = 3 * torch.randn(canvas.shape, generator=g).to(canvas)
+        inside = torch.zeros(canvas.shape, dtype=torch.bool, device=canvas.device)
+        inside[:, pt : pt + yb - ya, pl : pl + xb - xa] = True
+        canvas = torch.where(inside, canvas, noise)
+        units = [(u[0] - (ya - pt) // jy, u[1] - (xa - pl) // jx) for u in units]
+    batch = canvas[None]
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         try:
-            a = engine.target_vectors(
-                run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb].expand(n_u, -1, -1, -1), engine.layer), units_c)
-            b = engine.target_vectors(run_to_layer(engine.model, canvas[None].expand(n_u, -1, -1, -1), engine.layer), units_v)
+            y = select_output(run_to_layer(engine.model, batch, engine.layer, stop=engine.stop), engine.output_index)
+            return engine.unit_vectors(y.expand(len(units), *y.shape[1:]), units)  # sample u targets unit u
         except (IndexError, RuntimeError, ErfLabError):
             return None
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
-    return a if bool((a - b).abs().max() <= 1e-4 * scale) else None
 
 
-def _check_cone(engine: _Engine, x: Tensor, ref: Optional[Tensor] = None) -> bool:
-    """The units' activations with cone pruning equal ``ref`` (computed without it when None)."""
+def _check_locality(engine: "_Engine", x0: Tensor, crop: Tuple[int, int, int, int], seed: int) -> Optional[Tensor]:
+    """Stand-alone form of the engine's locality check: the units' channel vectors on ``crop`` alone if they
+    equal those on the crop framed by noise (:func:`_reference`), else None."""
+    ref = _reference(engine, x0, crop, seed)
+    if ref is None:
+        return None
+    ya, xa, yb, xb = crop
+    jy, jx = (int(v) for v in engine.geo.jump)
+    units = [(u[0] - ya // jy, u[1] - xa // jx) for u in engine.geo.units]
     with torch.no_grad():
-        xr = x[None].expand(len(engine.geo.units), *x.shape)  # sample u targets unit u
         try:
-            a_out, a_units = engine.forward(xr, cone=True)
-            a = engine.target_vectors(a_out, a_units)
+            y = select_output(run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb], engine.layer), engine.output_index)
+            a = engine.unit_vectors(y.expand(len(units), *y.shape[1:]), units)
         except (IndexError, RuntimeError, ErfLabError):
-            return False
-        if ref is None:
-            b_out, b_units = engine.forward(xr, cone=False)
-            ref = engine.target_vectors(b_out, b_units)
-    scale = max(float(ref.abs().max()), 1e-12)
-    return bool((a - ref).abs().max() <= 1e-4 * scale)
+            return None
+    return a if _agree(a, ref) else None
 
 
 def compute_erf(
@@ -527,7 +575,7 @@ def compute_erf(
     crop: Union[bool, str] = "auto",
     stop_at_layer: bool = True,
     cone: bool = True,
-    channels_last: bool = False,
+    channels_last: Union[bool, str] = "auto",
     backend: str = "engine",
     progress: bool = True,
     distributed: Optional[bool] = None,
@@ -538,7 +586,8 @@ def compute_erf(
         model: any ``nn.Module`` taking (N, C, H, W) images; run in eval mode (restored after).
         data: a Tensor[N, C, H, W] / Tensor[C, H, W], or a Dataset of dicts with ``"image"``,
             of image tensors or of ``(image, label)`` tuples. Images are used as given
-            (already normalised), resized with bicubic interpolation to ``image_size`` if set.
+            (already normalised), resized with bicubic interpolation to ``image_size`` if set,
+            in the dtype of the model's parameters (a float64 model gets float64 images).
         layer: a name from ``model.named_modules()``; None is the model output, or when that has
             no spatial grid (a classifier), the last layer whose output is a map larger than 1x1.
         unit: ``"center"`` (the cell whose theoretical RF is centred nearest the image centre),
@@ -553,11 +602,16 @@ def compute_erf(
         batch_size, device: images per backward pass and the device (default: the model's).
         center: ``"rf"`` (metrics centred on the unit's RF centre) or ``"array"`` (RepLKNet parity).
         crop: ``"auto"``: compute only a stride-aligned crop around the unit's field when the
-            unit provably (graph + empirical check) sees nothing else; False: always the full image.
+            graph says the unit sees nothing else, verified on the first batch (one image's units
+            must equal a plain forward on the crop framed by noise; see :func:`_reference`), with
+            the full image as the fallback; False: always the full image.
         stop_at_layer: end the forward at ``layer``.
         cone: with ``crop``, also crop intermediate maps that every path to ``layer`` passes
-            through to the unit's cone (verified on the first image; see :mod:`erf_lab._cone`).
-        channels_last: run in channels-last memory format.
+            through to the unit's cone (verified with the crop on the first batch; see :mod:`erf_lab._cone`).
+        channels_last: run in channels-last memory format (model and images; the model's format is
+            restored afterwards). ``"auto"``: on CPU for models with 2-D convolutions whose
+            parameters are not channels-last already (oneDNN's convolutions and their backward are
+            faster there; the map differs only by float rounding).
         backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
         progress: tqdm bar (on rank 0).
         distributed: shard images over a torch.distributed group and all-reduce (default: when
@@ -596,10 +650,11 @@ def compute_erf(
     device = torch.device(device)
     size = None if image_size is None else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
 
+    dtype = _model_dtype(model)
     first_shape: List[Tuple[int, ...]] = []
 
     def load(ids: Sequence[int]) -> Tensor:
-        imgs = [source.image(i).float() for i in ids]
+        imgs = [source.image(i).to(dtype) for i in ids]
         shapes = {tuple(t.shape) for t in imgs} | ({first_shape[0]} if first_shape else set())
         if size is None and len(shapes) > 1:
             raise ErfLabError(f"images differ in size {sorted(shapes)}; pass image_size to resize them")
@@ -614,8 +669,15 @@ def compute_erf(
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    converted = False
     try:
-        if channels_last:
+        if channels_last == "auto":
+            channels_last = (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+                             and all(t.dim() <= 4 for t in list(model.parameters()) + list(model.buffers())))
+        converted = bool(channels_last) and not any(
+            p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+            for p in model.parameters())
+        if converted:
             model.to(memory_format=torch.channels_last)
         x_first = load(indices[:1])
         hw = tuple(x_first.shape[-2:])
@@ -624,33 +686,25 @@ def compute_erf(
             layer, layer_note = _default_layer(model, x_first[0])
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
         engine = _Engine(model, layer, output_index, geo, opts, stop_at_layer)
-        window, ref = None, None
+        window = None
         locality = "not needed" if backend == "engine" else "captum backend: full image"
         if backend == "engine" and crop and geo.layout == "nchw":
             window = _crop_window(geo, hw)
             if window is None:
                 locality = "field covers the image" if geo.local else "not provably local: " + (geo.rf_note or "graph has global or unbounded dependence")
-            else:
-                ref = _check_locality(engine, x_first[0], window, seed)
-                if ref is None:
-                    locality, window = "empirical locality check failed: full image", None
-                else:
-                    locality = "verified (graph and empirical check)"
-        if window is not None:
-            ya, xa, yb, xb = window
-            engine.origin = (ya, xa)
-        cone_note = "off"
+        cone_note, plan = "off", []
         if backend == "engine" and crop and cone and geo.local and geo.graph is not None and stop_at_layer:
             from ._cone import ConeCrop, plan_cone
 
             plan = plan_cone(geo.graph, layer, output_index, geo.rf)
             if plan:
                 engine.cone = ConeCrop(model, plan, geo.rf, geo.centers)
-                x_check = x_first[0] if window is None else x_first[0, :, ya:yb, xa:xb]
-                if _check_cone(engine, x_check, ref):
-                    cone_note = f"{len(plan)} layers cropped to the unit's cone (verified)"
-                else:
-                    engine.cone, cone_note = None, "cone check failed: off"
+        # The graph says the crop / cone are exact; the first batch verifies it before its backward:
+        # one image's units (computed with crop and cone, inside the real batch) must equal a plain
+        # forward of that image (on the crop framed by noise, see _reference). On a mismatch the cone
+        # is dropped, then the crop, and the batch is recomputed; the plain full image needs no check.
+        verify = window is not None or engine.cone is not None
+        refs: Dict[Any, Tuple[int, Optional[Tensor]]] = {}  # crop window -> (image in the batch, reference)
         n_u = len(geo.units)
         acc = torch.zeros(n_u, *hw, dtype=torch.float64, device=device)
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # used, skipped
@@ -659,18 +713,48 @@ def compute_erf(
         bar = tqdm(total=len(my_indices), desc="ERF", unit="img",
                    disable=not progress or not _dist.is_main())
         for s in range(0, len(my_indices), batch_size):
-            x = load(my_indices[s : s + batch_size])
-            if window is not None:
-                x = x[:, :, ya:yb, xa:xb]
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            g = engine.gradients(x) if backend == "engine" else engine.captum_gradients(x)
+            x_full = load(my_indices[s : s + batch_size])
+            while True:
+                engine.origin = (window[0], window[1]) if window is not None else (0, 0)
+                x = x_full if window is None else x_full[:, :, window[0] : window[2], window[1] : window[3]]
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                check = None
+                if verify and (window is not None or engine.cone is not None):
+                    key = tuple(window) if window is not None else None
+                    if key not in refs:  # the first finite image whose units are not all zero (at most 3 tried)
+                        refs[key] = (0, None)
+                        for i in torch.isfinite(x_full.flatten(1)).all(1).nonzero().flatten()[:3].tolist():
+                            ref = _reference(engine, x_full[i], window, seed, channels_last)
+                            refs[key] = (i, ref)
+                            if ref is None or bool(ref.abs().max() > 0):
+                                break
+                    if refs[key][1] is None and window is not None:
+                        window, locality = None, "crop not verifiable (no room for a noise margin, or no finite image): full image"
+                        continue
+                    check = refs[key]
+                try:
+                    g = engine.gradients(x, check) if backend == "engine" else engine.captum_gradients(x)
+                except _CheckFailed:
+                    if engine.cone is not None:  # the cone first: the crop alone may still be exact
+                        engine.cone, cone_note = None, "cone check failed: off"
+                    else:
+                        window, locality = None, "empirical locality check failed: full image"
+                        cone_note = "off (the locality check failed)" if plan else cone_note
+                    continue
+                if verify:
+                    verify = False
+                    if window is not None:
+                        locality = "verified (graph, and the first image's units equal a plain forward on the crop framed by noise)"
+                    if engine.cone is not None:
+                        cone_note = f"{len(plan)} layers cropped to the unit's cone (verified)"
+                break
             b = g.shape[0]
             maps = engine.per_image(g.flatten(0, 1)).view(b, n_u, *g.shape[-2:])
             ok = torch.isfinite(maps).flatten(2).all(2).all(1)  # (B,)
             maps = torch.where(ok.view(b, 1, 1, 1), maps, torch.zeros((), dtype=maps.dtype, device=device))
             if window is not None:
-                acc[:, ya:yb, xa:xb] += maps.sum(0)
+                acc[:, window[0] : window[2], window[1] : window[3]] += maps.sum(0)
             else:
                 acc += maps.sum(0)
             counts[0] += ok.sum()
@@ -681,7 +765,7 @@ def compute_erf(
             _dist.all_reduce_sum(acc)
             _dist.all_reduce_sum(counts)
     finally:
-        if channels_last:
+        if converted:
             model.to(memory_format=torch.contiguous_format)
         for n, p in model.named_parameters():
             p.requires_grad_(grads_before.get(n, True))
@@ -715,6 +799,8 @@ def compute_erf(
             "crop": list(window) if window is not None else None,
             "locality": locality,
             "cone": cone_note,
+            "channels_last": bool(channels_last),
+            "dtype": str(dtype).replace("torch.", ""),
             "world_size": _dist.rank_world()[1] if use_dist else 1,
             "versions": _versions(),
         }

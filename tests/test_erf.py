@@ -384,3 +384,103 @@ def test_cone_pruning_matches_the_plain_computation():
     g = trace_rf(net, (3, 96, 96))
     names = [n for n, _ in plan_cone(g, "4", None, g.of("4"))]
     assert names == ["0", "1", "2", "3"]  # block outputs dominate; the shared ReLUs and branch convs do not
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gates from global average pooling: every unit depends on the whole image."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def _stem(c: int = 4) -> list:
+    return [nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, stride=2), nn.ReLU()]
+
+
+def test_se_block_feeding_the_target_falls_back_to_the_full_image():
+    torch.manual_seed(4)
+    net = nn.Sequential(*_stem(), SqueezeExcite(4), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(2, 3, 64, 64)
+    r = compute_erf(net, images, progress=False)
+    full = compute_erf(net, images, crop=False, progress=False)
+    assert r.meta["crop"] is None and r.meta["locality"].startswith("not provably local")
+    np.testing.assert_allclose(r.map, full.map, rtol=1e-6, atol=1e-12)
+    assert (np.abs(r.map[:8]) > 0).any()  # the gate's gradient reaches far outside the 3-conv field
+
+
+@pytest.mark.parametrize("hidden", ["groupnorm", "se_leaf"])
+def test_numeric_check_catches_global_ops_the_graph_cannot_see(hidden, monkeypatch):
+    """GroupNorm (a torch.nn leaf that keeps the grid: the graph calls it pointwise) and an SE block
+    traced as a leaf both look local to the graph; the first-batch check must reject the crop and
+    the cone, and the map must equal the full-image one."""
+    import erf_lab.rf as rf_mod
+
+    if hidden == "se_leaf":
+        leaves = rf_mod._leaf_types()
+        monkeypatch.setattr(rf_mod, "_leaf_types", lambda: leaves + (SqueezeExcite,))
+        mid = SqueezeExcite(4)
+    else:
+        mid = nn.GroupNorm(2, 4)
+    torch.manual_seed(5)
+    net = nn.Sequential(*_stem(), Block(4, 1), mid, Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(3, 3, 96, 96)
+    r = compute_erf(net, images, layer="6", progress=False)
+    full = compute_erf(net, images, layer="6", crop=False, progress=False)
+    assert r.meta["crop"] is None and r.meta["locality"] == "empirical locality check failed: full image"
+    assert r.meta["cone"].startswith("off")
+    np.testing.assert_allclose(r.map, full.map, rtol=1e-5, atol=1e-6 * np.abs(full.map).max())
+
+
+def test_numeric_check_passes_on_a_local_residual_net_and_costs_no_crop_pass(monkeypatch):
+    """The local twin of the nets above: crop and cone are verified, the map equals the full-image
+    one, and the check adds exactly one batch-1 forward (the reference) to the run."""
+    import erf_lab.erf as erf_mod
+
+    torch.manual_seed(5)
+    net = nn.Sequential(*_stem(), Block(4, 1), nn.Identity(), Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(5, 3, 96, 96)
+    calls = []
+    real = erf_mod._reference
+    monkeypatch.setattr(erf_mod, "_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    forwards = []
+    handle = net.register_forward_pre_hook(lambda m, i: forwards.append(tuple(i[0].shape)))
+    try:
+        r = compute_erf(net, images, layer="6", batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    full = compute_erf(net, images, layer="6", crop=False, progress=False)
+    assert r.meta["crop"] is not None and r.meta["locality"].startswith("verified")
+    assert "(verified)" in r.meta["cone"]
+    assert len(calls) == 1
+    ya, xa, yb, xb = r.meta["crop"]
+    crop_shape = (yb - ya, xb - xa)
+    # 3 gradient batches on the crop + 1 reference on the crop framed by noise; nothing on the full image
+    assert [f[-2:] == crop_shape for f in forwards].count(True) == 3 and len(forwards) == 4
+    assert all(f[-2:] != (96, 96) for f in forwards)
+    np.testing.assert_allclose(r.map, full.map, rtol=1e-5, atol=1e-6 * np.abs(full.map).max())
+
+
+@pytest.mark.parametrize("size", [17, 64])
+def test_float64_model_is_analysed_in_float64(size):
+    """A float64 box stack (weights 1/3, not exact in float32): the map is the analytic product of
+    n-fold box convolutions to 1e-12, with and without the crop."""
+    n, k = 4, 3
+    net = box_stack(n, k).double()
+    for layer in net:
+        nn.init.constant_(layer.weight, 1 / 3)
+    r = compute_erf(net, torch.randn(2, 1, size, size, dtype=torch.float64), preset="luo", progress=False)
+    assert r.meta["dtype"] == "float64"
+    cy, cx = (int(v) for v in r.meta["rf_center"])
+    half = n * (k // 2)
+    expect = np.zeros((size, size))
+    p = nfold_box(n, k)
+    expect[cy - half : cy + half + 1, cx - half : cx + half + 1] = np.outer(p, p) / 3.0**n  # each 3x3 tap is 1/3
+    assert np.abs(r.map - expect).max() < 1e-12 * np.abs(expect).max()
+    assert (r.meta["crop"] is not None) is (size == 64)
+    with pytest.raises(AssertionError):  # the same model in float32 is only float32-accurate
+        r32 = compute_erf(net.float(), torch.randn(2, 1, size, size), preset="luo", progress=False)
+        assert np.abs(r32.map - expect).max() < 1e-12 * np.abs(expect).max()
