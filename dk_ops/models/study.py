@@ -38,6 +38,13 @@ class StudyNet(nn.Module):
     about 36k parameters (conv). At 64x64 the last map is 4x4 (effective stride 16) and the
     theoretical receptive field of a last-stage unit is 87 px, wider than the image.
     ``stem_stride=1`` keeps the first map at full resolution (4x the cost).
+
+    The op replaces the depthwise 3x3 of the stages from ``op_from_stage`` on (default 1:
+    every stage but the first, highest-resolution one, as DCNv2 places deformable layers in
+    ResNet's conv3-conv5 only); earlier stages use ``nn.Conv2d``. Half of a DK layer's cost is
+    its offset generator (a dense 3x3 conv over its input channels); in the first stage it
+    would make the DK variants about 3x the cost of the conv net instead of about 2x.
+    ``op_from_stage=0`` puts the op everywhere.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class StudyNet(nn.Module):
         expand: int = 2,
         stem_width: int = 16,
         stem_stride: int = 2,
+        op_from_stage: int = 1,
         **layer_kwargs,
     ) -> None:
         super().__init__()
@@ -60,9 +68,11 @@ class StudyNet(nn.Module):
         )
         blocks: List[nn.Module] = []
         in_ch = stem_width
-        for w in widths:
+        first_op = max(0, min(op_from_stage, len(widths) - 1))
+        for i, w in enumerate(widths):
+            stage_op, stage_kwargs = (op, layer_kwargs) if i >= first_op else ("conv", {})
             for j in range(depth):
-                blocks.append(StudyBlock(in_ch, w, 2 if j == 0 else 1, expand, op, **layer_kwargs))
+                blocks.append(StudyBlock(in_ch, w, 2 if j == 0 else 1, expand, stage_op, **stage_kwargs))
                 in_ch = w
         self.blocks = nn.Sequential(*blocks)
         self.num_features = in_ch
@@ -82,5 +92,6 @@ class StudyNet(nn.Module):
 
 @register_model
 def study_net(op: str = "conv", num_classes: int = 10, **kwargs) -> StudyNet:
-    """The small study net (``widths``, ``depth``, ``expand``, ``in_chans``)."""
+    """The small study net (``widths``, ``depth``, ``expand``, ``in_chans``, ``stem_stride``,
+    ``op_from_stage``)."""
     return StudyNet(op=op, num_classes=num_classes, **kwargs)
