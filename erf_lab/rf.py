@@ -218,7 +218,25 @@ def _module_rule(m: nn.Module, rf: LayerRF, in_hw, out_hw) -> Tuple[LayerRF, boo
         return _pad(rf, m.padding), True
     if isinstance(m, (nn.Linear, nn.MultiheadAttention)) or "Attention" in type(m).__name__:
         return _as_global(rf, f"{type(m).__name__} mixes all positions"), True
+    stats = _statistics_norm(m, rf, in_hw)
+    if stats:
+        return _as_global(rf, f"{type(m).__name__} normalises with {stats}"), True
     return rf, False
+
+
+def _statistics_norm(m: nn.Module, rf: LayerRF, in_hw) -> str:
+    """What a normalisation layer takes its statistics over, when that spans positions
+    (every output then depends on the whole map); "" for a pointwise one (eval mode)."""
+    if isinstance(m, nn.GroupNorm):
+        return "statistics over the whole map"
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats:
+        return "per-image statistics"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats:
+        return "batch statistics (no running statistics)"
+    if (isinstance(m, nn.LayerNorm) and rf.spatial and in_hw is not None and len(m.normalized_shape) >= 1
+            and int(m.normalized_shape[-1]) == int(in_hw[1])):
+        return "statistics over the spatial axes"
+    return ""
 
 
 def _spatial_shape(node: fx.Node) -> Optional[Tuple[int, int, int]]:
@@ -261,7 +279,9 @@ class _RFGraph:
     def _propagate_shapes(self) -> None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        example = torch.zeros(1, *self.input_size)
+        param = next((p for p in self.gm.parameters() if p.is_floating_point()), None)
+        example = torch.zeros(1, *self.input_size, dtype=param.dtype if param is not None else torch.float32,
+                              device=param.device if param is not None else "cpu")
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -141,6 +141,33 @@ def test_field_equals_gradient_support_of_positive_linear_nets():
     assert exact >= 6
 
 
+@pytest.mark.parametrize("norm, is_global", [
+    (lambda: nn.GroupNorm(2, 4), True),
+    (lambda: nn.InstanceNorm2d(4, affine=True), True),
+    (lambda: nn.BatchNorm2d(4, track_running_stats=False), True),
+    (lambda: nn.LayerNorm([4, 32, 32]), True),
+    (lambda: nn.BatchNorm2d(4), False),  # running statistics in eval mode: pointwise
+    (lambda: nn.InstanceNorm2d(4, track_running_stats=True), False),
+])
+def test_statistics_normalisations_are_global_exactly_when_the_gradient_says_so(norm, is_global):
+    """Oracle: the support of the centre unit's input gradient. A norm that takes statistics over
+    positions spreads it over the whole image; a pointwise one keeps it inside the 3x3 field."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), norm(), nn.Conv2d(4, 4, 1)).double().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    rf = trace_rf(net, (1, 32, 32)).of(None)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(net(x)[0, 0, 16, 16], x)
+    outside = g[0, 0].clone()
+    outside[15:18, 15:18] = 0
+    assert bool(outside.abs().max() > 0) == is_global
+    assert rf.global_ == is_global
+
+
 def test_untraceable_model_gives_a_clear_error():
     class Branchy(nn.Module):
         def __init__(self):
