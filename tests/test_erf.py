@@ -414,9 +414,9 @@ def test_se_block_feeding_the_target_falls_back_to_the_full_image():
 
 @pytest.mark.parametrize("hidden", ["groupnorm", "se_leaf"])
 def test_numeric_check_catches_global_ops_the_graph_cannot_see(hidden, monkeypatch):
-    """GroupNorm (a torch.nn leaf that keeps the grid: the graph calls it pointwise) and an SE block
-    traced as a leaf both look local to the graph; the first-batch check must reject the crop and
-    the cone, and the map must equal the full-image one."""
+    """GroupNorm with the graph's normalisation rule switched off (so it looks like a pointwise
+    torch.nn leaf) and an SE block traced as a leaf both look local to the graph; the first-batch
+    check must reject the crop and the cone, and the map must equal the full-image one."""
     import erf_lab.rf as rf_mod
 
     if hidden == "se_leaf":
@@ -424,6 +424,7 @@ def test_numeric_check_catches_global_ops_the_graph_cannot_see(hidden, monkeypat
         monkeypatch.setattr(rf_mod, "_leaf_types", lambda: leaves + (SqueezeExcite,))
         mid = SqueezeExcite(4)
     else:
+        monkeypatch.setattr(rf_mod, "_statistics_norm", lambda *args: "")
         mid = nn.GroupNorm(2, 4)
     torch.manual_seed(5)
     net = nn.Sequential(*_stem(), Block(4, 1), mid, Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
@@ -433,6 +434,13 @@ def test_numeric_check_catches_global_ops_the_graph_cannot_see(hidden, monkeypat
     assert r.meta["crop"] is None and r.meta["locality"] == "empirical locality check failed: full image"
     assert r.meta["cone"].startswith("off")
     np.testing.assert_allclose(r.map, full.map, rtol=1e-5, atol=1e-6 * np.abs(full.map).max())
+
+
+def test_groupnorm_is_global_to_the_graph():
+    torch.manual_seed(5)
+    net = nn.Sequential(*_stem(), Block(4, 1), nn.GroupNorm(2, 4), Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
+    r = compute_erf(net, torch.randn(2, 3, 96, 96), layer="6", progress=False)
+    assert r.meta["crop"] is None and r.meta["locality"].startswith("not provably local")
 
 
 def test_numeric_check_passes_on_a_local_residual_net_and_costs_no_crop_pass(monkeypatch):
