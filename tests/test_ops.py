@@ -57,6 +57,8 @@ CONFIGS = [
     dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2), gi=1),
     dict(k=(2, 3), scope=(3, 5), hw=(6, 5), gi=1, padding=(1, 0)),
     dict(k=(3, 1), scope=(5, 2), kernel="global", bias=False),
+    dict(groups=4, kernel=None),  # depthwise, no offsets: the CPU's direct depthwise loops
+    dict(groups=4, c_out=8, kernel="global", stride=(2, 2), dilation=(1, 2), padding=(0, 2), hw=(7, 6)),
     dict(c_in=6, c_out=3, groups=3, gk=3, gi=3, mask=True, stride=(2, 2), dilation=(2, 1), padding=(2, 1)),
 ]
 

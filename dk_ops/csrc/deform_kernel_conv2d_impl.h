@@ -404,6 +404,14 @@ KernelCorners kernel_corners(const Params& p, const at::Tensor& weight, const at
   return kc;
 }
 
+// Depthwise, rigid image sampling, kernel constant over positions (no or global kernel
+// offsets): direct loops over the input instead of columns and a batched (1 x K) @ (K x L)
+// matmul per channel, when the device's Exec asks for them (the CPU does).
+template <typename Exec>
+inline bool direct_depthwise_global(const Params& p) {
+  return Exec::direct_depthwise_global() && p.P == 1 && p.Cg == 1 && !p.has_off && !p.has_mask;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -441,8 +449,9 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       compute_image_corners<scalar_t, acc_t, Exec>(p, offp, n0, nb, iidx.data_ptr<int32_t>(), iw.data_ptr<acc_t>());
     }
     const bool direct = p.P != 1 && p.Cg == 1;  // depthwise, local kernel offsets: no column buffer
+    const bool direct_global = direct_depthwise_global<Exec>(p);  // depthwise, one kernel per sample
     at::Tensor X;
-    if (!direct) {
+    if (!direct && !direct_global) {
       X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
       compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, ptr_or_null<int32_t>(iidx),
                                              ptr_or_null<acc_t>(iw), X.data_ptr<acc_t>(), X.data_ptr<acc_t>());
@@ -450,7 +459,31 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     const int32_t* iidxp = ptr_or_null<int32_t>(iidx);
     const acc_t* iwp = ptr_or_null<acc_t>(iw);
     at::Tensor y_chunk = y.narrow(0, n0, nb);
-    if (p.P == 1) {
+    if (direct_global) {
+      DK_PASS("dw_global_forward");
+      acc_t* yp = y_chunk.data_ptr<acc_t>();
+      const acc_t* wkp = wk.data_ptr<acc_t>();
+      Exec::for_rows(nb * p.Co * p.Ho, p.Wo, p.K, DK_LAMBDA(int64_t row, int64_t j0, int64_t j1) {
+        const int64_t ho = row % p.Ho;
+        const int64_t o = (row / p.Ho) % p.Co;
+        const int64_t n = row / (p.Ho * p.Co);
+        const scalar_t* plane = x + ((n0 + n) * p.C + o / p.Cog) * p.H * p.W;
+        const acc_t* wr = wkp + ((p.Nk == 1 ? 0 : n0 + n) * p.Co + o) * p.K;
+        acc_t* yr = yp + (n * p.Co + o) * p.L + ho * p.Wo;
+        for (int64_t wo = j0; wo < j1; ++wo) yr[wo] = acc_t(0);
+        for (int64_t t = 0; t < p.K; ++t) {
+          const int64_t yy = ho * p.sth - p.ph + (t / p.kw) * p.dh;
+          if (yy < 0 || yy >= p.H) continue;
+          const acc_t wv = wr[t];
+          const scalar_t* prow = plane + yy * p.W;
+          const int64_t x0 = (t % p.kw) * p.dw - p.pw;
+          for (int64_t wo = j0; wo < j1; ++wo) {
+            const int64_t xx = wo * p.stw + x0;
+            if (xx >= 0 && xx < p.W) yr[wo] += wv * acc_t(prow[xx]);
+          }
+        }
+      });
+    } else if (p.P == 1) {
       at::Tensor wk_chunk = p.Nk == 1 ? wk : wk.narrow(0, n0, nb);
       y_chunk.view({nb, p.G, p.Cog, p.L}).copy_(at::matmul(wk_chunk, X.view({nb, p.G, p.Cg * p.K, p.L})));
     } else if (direct) {
@@ -573,8 +606,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // Depthwise with local kernel offsets may run as one fused pass (CPU), which
       // samples the input on the fly and also applies the mask to gX.
       const bool fused = p.P != 1 && p.Cg == 1 && Exec::fused_depthwise_backward();
+      const bool direct_global = direct_depthwise_global<Exec>(p);
       at::Tensor X, xs;
-      if (!fused) {
+      if (!fused && !direct_global) {
         X = at::empty({nb, p.C, p.K, p.L}, acc_opts);
         xs = p.has_mask ? at::empty({nb, p.C, p.K, p.L}, acc_opts) : X;
         compute_columns<scalar_t, acc_t, Exec>(p, x, maskp, n0, nb, iidxp, iwp, xs.data_ptr<acc_t>(),
@@ -585,12 +619,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // gX is accumulated over (conv group, kernel group) pairs only in the general local path.
       const bool gx_accumulates = p.P != 1 && p.Cg != 1;
       at::Tensor gX;
-      if (need_gx) {
+      if (need_gx && !direct_global) {
         gX = gx_accumulates ? at::zeros({nb, p.C, p.K, p.L}, acc_opts) : at::empty({nb, p.C, p.K, p.L}, acc_opts);
       }
       acc_t* gXp = mut_ptr_or_null<acc_t>(gX);
 
-      if (p.P == 1) {
+      if (direct_global) {
+        const acc_t* wkp = wk.data_ptr<acc_t>();
+        if (need_w || need_dk) {
+          // gWk[n, o, t] = sum_l gy[n, o, l] * x[n, c, tap t of l]: one owner per (n, o, t).
+          DK_PASS("dw_global_gwk");
+          at::Tensor gwk = at::empty({nb, p.Co, p.K}, acc_opts);
+          acc_t* gwkw = gwk.data_ptr<acc_t>();
+          Exec::for_each(nb * p.Co * p.K, grain_for(p.L), DK_LAMBDA(int64_t i) {
+            const int64_t t = i % p.K;
+            const int64_t o = (i / p.K) % p.Co;
+            const int64_t n = i / (p.K * p.Co);
+            const scalar_t* plane = x + ((n0 + n) * p.C + o / p.Cog) * p.H * p.W;
+            const acc_t* gyr = gyp + (n * p.Co + o) * p.L;
+            const int64_t y0 = (t / p.kw) * p.dh - p.ph, x0 = (t % p.kw) * p.dw - p.pw;
+            acc_t s = acc_t(0);
+            for (int64_t ho = 0; ho < p.Ho; ++ho) {
+              const int64_t yy = ho * p.sth + y0;
+              if (yy < 0 || yy >= p.H) continue;
+              const scalar_t* prow = plane + yy * p.W;
+              const acc_t* g = gyr + ho * p.Wo;
+              for (int64_t wo = 0; wo < p.Wo; ++wo) {
+                const int64_t xx = wo * p.stw + x0;
+                if (xx >= 0 && xx < p.W) s += g[wo] * acc_t(prow[xx]);
+              }
+            }
+            gwkw[i] = s;
+          });
+          const acc_t* gwkp = gwk.data_ptr<acc_t>();  // (nb, Co, Cg = 1, K), as the GEMM path's
+          if (need_w) {
+            DK_PASS("gw_from_wk");
+            Exec::for_each(p.Co, grain_for(nb * p.K * 4), DK_LAMBDA(int64_t o) {
+              acc_t* gwo = gwp + o * p.S;
+              for (int64_t n = 0; n < nb; ++n) {
+                const int64_t nk = p.Nk == 1 ? 0 : n0 + n;
+                const acc_t* gr = gwkp + (n * p.Co + o) * p.K;
+                for (int64_t t = 0; t < p.K; ++t) {
+                  const int64_t kb = kcorner_base(p, nk, o / p.Cok, t, 0);
+#pragma unroll
+                  for (int q = 0; q < 4; ++q) gwo[kidx[kb + q]] += kwt[kb + q] * gr[t];
+                }
+              }
+            });
+          }
+          if (need_dk) {  // global kernel offsets (N, 2*Gk*K)
+            DK_PASS("gdk_global");
+            Exec::for_each(nb * p.Gk * p.K, 1, DK_LAMBDA(int64_t i) {
+              const int64_t t = i % p.K;
+              const int64_t gk = (i / p.K) % p.Gk;
+              const int64_t n = i / (p.K * p.Gk);
+              int32_t ci[4];
+              acc_t cw[4], cy[4], cx[4];
+              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, t / p.kw, t % p.kw, 0, ci, cw, cy, cx);
+              acc_t gu = acc_t(0), gv = acc_t(0);
+              for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
+                const acc_t gr = gwkp[(n * p.Co + o) * p.K + t];
+                const scalar_t* plane = w + o * p.S;
+                acc_t du = acc_t(0), dv = acc_t(0);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                  const acc_t wv = acc_t(plane[ci[q]]);
+                  du += cy[q] * wv;
+                  dv += cx[q] * wv;
+                }
+                gu += gr * du;
+                gv += gr * dv;
+              }
+              const int64_t base = (n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t);
+              gdkp[base] = gu;
+              gdkp[base + 1] = gv;
+            });
+          }
+        }
+        if (need_in) {
+          // gin[n, c] += sum over the channel's outputs and taps of wk * gy: one owner per plane.
+          DK_PASS("dw_global_ginput");
+          Exec::for_each(nb * p.C, 1, DK_LAMBDA(int64_t nc) {
+            const int64_t n = nc / p.C, c = nc % p.C;
+            acc_t* plane = ginp + ((n0 + n) * p.C + c) * p.H * p.W;
+            for (int64_t o = c * p.Cog; o < (c + 1) * p.Cog; ++o) {
+              const acc_t* wr = wkp + ((p.Nk == 1 ? 0 : n0 + n) * p.Co + o) * p.K;
+              const acc_t* gyr = gyp + (n * p.Co + o) * p.L;
+              for (int64_t t = 0; t < p.K; ++t) {
+                const acc_t wv = wr[t];
+                const int64_t y0 = (t / p.kw) * p.dh - p.ph, x0 = (t % p.kw) * p.dw - p.pw;
+                for (int64_t ho = 0; ho < p.Ho; ++ho) {
+                  const int64_t yy = ho * p.sth + y0;
+                  if (yy < 0 || yy >= p.H) continue;
+                  acc_t* prow = plane + yy * p.W;
+                  const acc_t* g = gyr + ho * p.Wo;
+                  for (int64_t wo = 0; wo < p.Wo; ++wo) {
+                    const int64_t xx = wo * p.stw + x0;
+                    if (xx >= 0 && xx < p.W) prow[xx] += wv * g[wo];
+                  }
+                }
+              }
+            }
+          });
+        }
+      } else if (p.P == 1) {
         // y = Wk @ X per (n, group).
         at::Tensor wk_chunk = p.Nk == 1 ? wk : wk.narrow(0, n0, nb);
         at::Tensor gy4 = gy.view({nb, p.G, p.Cog, p.L});
@@ -826,7 +958,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t l = j0; l < j1; ++l) gr[l] *= acc_t(mr[l]);
         });
       }
-      if (need_in) {
+      if (need_in && !direct_global) {
         DK_PASS("scatter_input");
         Exec::template scatter_input<acc_t>(p, n0, nb, gXp, iidxp, iwp, ginp);
       }

@@ -58,6 +58,7 @@ struct CpuExec {
     const char* v = std::getenv("DK_OPS_CPU_GENERIC");
     return v == nullptr || v[0] == '\0' || v[0] == '0';
   }
+  static bool direct_depthwise_global() { return fused_depthwise_backward(); }
 
   // Depthwise backward with local kernel offsets in one pass. Tasks own (sample,
   // block of kBlock positions); for each input channel the sampled input is formed

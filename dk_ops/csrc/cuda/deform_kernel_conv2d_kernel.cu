@@ -116,6 +116,7 @@ struct CudaExec {
   static constexpr int kBlock = 1;
   static int64_t chunk_budget() { return int64_t(1) << 30; }
   static bool fused_depthwise_backward() { return false; }
+  static bool direct_depthwise_global() { return false; }
 
   template <typename scalar_t, typename acc_t>
   static void dw_local_backward(const Params&, int64_t, int64_t, const scalar_t*, const scalar_t*, const scalar_t*,
