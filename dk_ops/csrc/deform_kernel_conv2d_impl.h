@@ -541,6 +541,62 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   return y.view({p.N, p.Co, p.Ho, p.Wo}).to(input.scalar_type());
 }
 
+// Weight gradient and global kernel-offset gradient from gWk (nb, Co, Cg, K), the gradient of
+// the per-sample sampled kernel (kernel offsets constant over positions).
+template <typename scalar_t, typename acc_t, typename Exec>
+void sampled_kernel_grads(const Params& p, int64_t n0, int64_t nb, const acc_t* gwkp, const scalar_t* w,
+                          const scalar_t* dkp, const int32_t* kidx, const acc_t* kwt, bool need_w, bool need_dk,
+                          acc_t* gwp, acc_t* gdkp) {
+  if (need_w) {
+    DK_PASS("gw_from_wk");
+    // Each item owns gW[o, c, :]; samples in a fixed order (deterministic).
+    Exec::for_each(p.Co * p.Cg, grain_for(nb * p.K * 4), DK_LAMBDA(int64_t i) {
+      const int64_t c = i % p.Cg;
+      const int64_t o = i / p.Cg;
+      acc_t* gwo = gwp + i * p.S;
+      for (int64_t n = 0; n < nb; ++n) {
+        const int64_t nk = p.Nk == 1 ? 0 : n0 + n;
+        const acc_t* gr = gwkp + ((n * p.Co + o) * p.Cg + c) * p.K;
+        for (int64_t t = 0; t < p.K; ++t) {
+          const int64_t kb = kcorner_base(p, nk, o / p.Cok, t, 0);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) gwo[kidx[kb + q]] += kwt[kb + q] * gr[t];
+        }
+      }
+    });
+  }
+  if (need_dk) {  // global kernel offsets (N, 2*Gk*K)
+    DK_PASS("gdk_global");
+    Exec::for_each(nb * p.Gk * p.K, 1, DK_LAMBDA(int64_t i) {
+      const int64_t t = i % p.K;
+      const int64_t gk = (i / p.K) % p.Gk;
+      const int64_t n = i / (p.K * p.Gk);
+      int32_t ci[4];
+      acc_t cw[4], cy[4], cx[4];
+      kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, t / p.kw, t % p.kw, 0, ci, cw, cy, cx);
+      acc_t gu = acc_t(0), gv = acc_t(0);
+      for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
+        for (int64_t c = 0; c < p.Cg; ++c) {
+          const acc_t gr = gwkp[((n * p.Co + o) * p.Cg + c) * p.K + t];
+          const scalar_t* plane = w + (o * p.Cg + c) * p.S;
+          acc_t du = acc_t(0), dv = acc_t(0);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const acc_t wv = acc_t(plane[ci[q]]);
+            du += cy[q] * wv;
+            dv += cx[q] * wv;
+          }
+          gu += gr * du;
+          gv += gr * dv;
+        }
+      }
+      const int64_t base = (n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t);
+      gdkp[base] = gu;
+      gdkp[base + 1] = gv;
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward. output_mask: (input, weight, kernel_offset, offset, mask, bias).
 
@@ -651,50 +707,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
             gwkw[i] = s;
           });
-          const acc_t* gwkp = gwk.data_ptr<acc_t>();  // (nb, Co, Cg = 1, K), as the GEMM path's
-          if (need_w) {
-            DK_PASS("gw_from_wk");
-            Exec::for_each(p.Co, grain_for(nb * p.K * 4), DK_LAMBDA(int64_t o) {
-              acc_t* gwo = gwp + o * p.S;
-              for (int64_t n = 0; n < nb; ++n) {
-                const int64_t nk = p.Nk == 1 ? 0 : n0 + n;
-                const acc_t* gr = gwkp + (n * p.Co + o) * p.K;
-                for (int64_t t = 0; t < p.K; ++t) {
-                  const int64_t kb = kcorner_base(p, nk, o / p.Cok, t, 0);
-#pragma unroll
-                  for (int q = 0; q < 4; ++q) gwo[kidx[kb + q]] += kwt[kb + q] * gr[t];
-                }
-              }
-            });
-          }
-          if (need_dk) {  // global kernel offsets (N, 2*Gk*K)
-            DK_PASS("gdk_global");
-            Exec::for_each(nb * p.Gk * p.K, 1, DK_LAMBDA(int64_t i) {
-              const int64_t t = i % p.K;
-              const int64_t gk = (i / p.K) % p.Gk;
-              const int64_t n = i / (p.K * p.Gk);
-              int32_t ci[4];
-              acc_t cw[4], cy[4], cx[4];
-              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, t / p.kw, t % p.kw, 0, ci, cw, cy, cx);
-              acc_t gu = acc_t(0), gv = acc_t(0);
-              for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
-                const acc_t gr = gwkp[(n * p.Co + o) * p.K + t];
-                const scalar_t* plane = w + o * p.S;
-                acc_t du = acc_t(0), dv = acc_t(0);
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  const acc_t wv = acc_t(plane[ci[q]]);
-                  du += cy[q] * wv;
-                  dv += cx[q] * wv;
-                }
-                gu += gr * du;
-                gv += gr * dv;
-              }
-              const int64_t base = (n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t);
-              gdkp[base] = gu;
-              gdkp[base + 1] = gv;
-            });
-          }
+          sampled_kernel_grads<scalar_t, acc_t, Exec>(p, n0, nb, gwk.data_ptr<acc_t>(), w, dkp, kidx, kwt, need_w,
+                                                      need_dk, gwp, gdkp);  // gwk is (nb, Co, Cg = 1, K)
         }
         if (need_in) {
           // gin[n, c] += sum over the channel's outputs and taps of wk * gy: one owner per plane.
@@ -729,55 +743,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         at::Tensor X4 = X.view({nb, p.G, p.Cg * p.K, p.L});
         if (need_w || need_dk) {
           at::Tensor gwk = at::matmul(gy4, X4.transpose(-1, -2)).contiguous();  // (nb, G, Cog, Cg*K)
-          const acc_t* gwkp = gwk.data_ptr<acc_t>();
-          if (need_w) {
-            DK_PASS("gw_from_wk");
-            // Each item owns gW[o, c, :]; samples in a fixed order (deterministic).
-            Exec::for_each(p.Co * p.Cg, grain_for(nb * p.K * 4), DK_LAMBDA(int64_t i) {
-              const int64_t c = i % p.Cg;
-              const int64_t o = i / p.Cg;
-              acc_t* gwo = gwp + i * p.S;
-              for (int64_t n = 0; n < nb; ++n) {
-                const int64_t nk = p.Nk == 1 ? 0 : n0 + n;
-                const acc_t* gr = gwkp + ((n * p.Co + o) * p.Cg + c) * p.K;
-                for (int64_t t = 0; t < p.K; ++t) {
-                  const int64_t kb = kcorner_base(p, nk, o / p.Cok, t, 0);
-#pragma unroll
-                  for (int q = 0; q < 4; ++q) gwo[kidx[kb + q]] += kwt[kb + q] * gr[t];
-                }
-              }
-            });
-          }
-          if (need_dk) {  // global kernel offsets (N, 2*Gk*K)
-            DK_PASS("gdk_global");
-            Exec::for_each(nb * p.Gk * p.K, 1, DK_LAMBDA(int64_t i) {
-              const int64_t t = i % p.K;
-              const int64_t gk = (i / p.K) % p.Gk;
-              const int64_t n = i / (p.K * p.Gk);
-              int32_t ci[4];
-              acc_t cw[4], cy[4], cx[4];
-              kernel_bilinear<acc_t>(p, dkp, n0 + n, gk, t, t / p.kw, t % p.kw, 0, ci, cw, cy, cx);
-              acc_t gu = acc_t(0), gv = acc_t(0);
-              for (int64_t o = gk * p.Cok; o < (gk + 1) * p.Cok; ++o) {
-                for (int64_t c = 0; c < p.Cg; ++c) {
-                  const acc_t gr = gwkp[((n * p.Co + o) * p.Cg + c) * p.K + t];
-                  const scalar_t* plane = w + (o * p.Cg + c) * p.S;
-                  acc_t du = acc_t(0), dv = acc_t(0);
-#pragma unroll
-                  for (int q = 0; q < 4; ++q) {
-                    const acc_t wv = acc_t(plane[ci[q]]);
-                    du += cy[q] * wv;
-                    dv += cx[q] * wv;
-                  }
-                  gu += gr * du;
-                  gv += gr * dv;
-                }
-              }
-              const int64_t base = (n0 + n) * 2 * p.Gk * p.K + 2 * (gk * p.K + t);
-              gdkp[base] = gu;
-              gdkp[base + 1] = gv;
-            });
-          }
+          sampled_kernel_grads<scalar_t, acc_t, Exec>(p, n0, nb, gwk.data_ptr<acc_t>(), w, dkp, kidx, kwt, need_w,
+                                                      need_dk, gwp, gdkp);
         }
         if (need_gx) {
           gX.view({nb, p.G, p.Cg * p.K, p.L}).copy_(at::matmul(wk_chunk.transpose(-1, -2), gy4));
