@@ -258,10 +258,10 @@ class DigitsMS(SampleDataset):
         return item
 
     def _load(self, j: int) -> Tuple[Tensor, Tensor]:
-        part = int(np.searchsorted(self._offsets, j, side="right") - 1)
-        if self.epoch > 0 and self._opts["fresh"] and part == self._train_part:
+        if self._is_fresh(j):
             raw, box_np = self._fresh_render(j)
         else:
+            part = int(np.searchsorted(self._offsets, j, side="right") - 1)
             raw, box_np = np.asarray(self._images[part][j - self._offsets[part]]), self._all_boxes[j].copy()
         image = torch.from_numpy(raw.astype(np.float32) / 255.0).permute(2, 0, 1)
         if self.channels == 1:
