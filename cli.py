@@ -8,7 +8,7 @@ shows the traceback instead.
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 EXIT_USAGE = 2
 
@@ -46,6 +46,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ---- section: erf / rf / layers (erf_lab ERF engine) ---------------------------------------
+def _batch_size(text: str) -> Union[int, str]:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers erf, rf and layers (erf_lab.jobs does the work)."""
 
@@ -66,7 +79,8 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--sampling", default="random", choices=["random", "stratified"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="images per backward pass; auto: about 400k pixels of the computed crop on CPU, 32 on GPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/erf", metavar="DIR", help="writes DIR/erf.npz, erf.json, erf.png")

@@ -104,13 +104,15 @@ def worker(args) -> None:
         handle.remove()
         erf, meta = total / count, {}
     else:
-        kw = dict(layer=args.layer, unit=unit, batch_size=args.batch_size, device=device, progress=False,
+        kw = dict(layer=args.layer, unit=unit, device=device, progress=False,
+                  batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
                   channels_last={"auto": "auto", "on": True, "off": False}[args.channels_last])
         if args.mode == "full_forward":
             kw.update(stop_at_layer=False, crop=False)
         r = compute_erf(model, images, **kw)
         erf, meta = r.map, {"crop": r.meta["crop"], "locality": r.meta["locality"], "cone": r.meta["cone"],
-                            "channels_last": r.meta["channels_last"]}
+                            "channels_last": r.meta["channels_last"], "batch_size": r.meta["batch_size_used"],
+                            "bn_folded": r.meta["bn_folded"]}
     _sync(device)
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
@@ -142,7 +144,7 @@ def main() -> None:
     ap.add_argument("--json-out")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", default="auto", help="the engine's batch (default: compute_erf's own choice)")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                     help="the engine's memory format (default: compute_erf's own choice, channels-last on CPU)")
     ap.add_argument("--cases", default="b1024,b224,early")
@@ -170,6 +172,7 @@ def main() -> None:
                 "rel_l1": rel_l1,
                 "ref_peak_mb": ref["peak_mb"], "engine_peak_mb": eng["peak_mb"], "crop": eng.get("crop"),
                 "locality": eng.get("locality"), "cone": eng.get("cone"), "channels_last": eng.get("channels_last"),
+                "batch_size": eng.get("batch_size"), "bn_folded": eng.get("bn_folded"),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

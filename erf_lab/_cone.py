@@ -77,13 +77,36 @@ def plan_cone(graph: Any, layer: Optional[str], index: Any, target: LayerRF) -> 
     return plan
 
 
+class _Crop(torch.autograd.Function):
+    """``x[:, :, ys:ye, xs:xe]`` in x's memory format, whose backward pads the gradient with zeros in
+    that format too (autograd's slice backward returns NCHW, which sends a channels-last model's
+    backward through format conversions)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ys: int, ye: int, xs: int, xe: int) -> Tensor:  # noqa: D102
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+        ctx.box, ctx.shape, ctx.fmt = (ys, ye, xs, xe), x.shape, fmt
+        return x[:, :, ys:ye, xs:xe].contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        ys, ye, xs, xe = ctx.box
+        full = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=ctx.fmt)
+        full[:, :, ys:ye, xs:xe] = g
+        full[:, :, :ys].zero_()  # only the frame around the window needs zeros
+        full[:, :, ye:].zero_()
+        full[:, :, ys:ye, :xs].zero_()
+        full[:, :, ys:ye, xe:].zero_()
+        return full, None, None, None, None
+
+
 class ConeCrop:
     """Forward hooks that crop each planned module's output to the target's cone."""
 
     def __init__(self, model: nn.Module, plan: Sequence[Tuple[str, LayerRF]], target: LayerRF,
                  centers: Sequence[Tuple[float, float]]) -> None:
-        modules = dict(model.named_modules())
-        self.items = [(modules[name], rf) for name, rf in plan]
+        self.model = model
+        self.items = list(plan)  # modules looked up when hooked: the run may swap some (erf_lab._fold)
         self.target = target
         self.lo = (min(c[0] for c in centers), min(c[1] for c in centers))
         self.hi = (max(c[0] for c in centers), max(c[1] for c in centers))
@@ -112,7 +135,9 @@ class ConeCrop:
         self.offset = [int(origin[0]), int(origin[1])]
         handles = []
 
-        for module, rf in self.items:
+        for name, rf in self.items:
+            module = self.model.get_submodule(name)
+
             def hook(mod, inp, out, rf=rf):
                 if not isinstance(out, Tensor) or out.dim() != 4:
                     return None
@@ -124,8 +149,7 @@ class ConeCrop:
                     return None
                 self.offset[0] += ys * int(rf.y.jump)
                 self.offset[1] += xs * int(rf.x.jump)
-                fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous() else torch.contiguous_format
-                return out[:, :, ys:ye, xs:xe].contiguous(memory_format=fmt)
+                return _Crop.apply(out, ys, ye, xs, xe)
 
             handles.append(module.register_forward_hook(hook))
         try:

@@ -15,6 +15,7 @@ units, computed with crop and cone inside the real batch, must equal a plain bat
 on the crop framed by strong noise (global pooling, SE, GroupNorm, routing or attention change
 them); otherwise the cone, then the crop, is dropped. The check costs one batch-1 forward.
 """
+import contextlib
 import json
 import math
 import platform
@@ -34,7 +35,7 @@ from .errors import ErfLabError
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
 
-__all__ = ["compute_erf", "ERFResult", "PRESETS", "ERFOptions"]
+__all__ = ["compute_erf", "auto_batch_size", "ERFResult", "PRESETS", "ERFOptions"]
 
 _UNSET: Any = object()
 
@@ -549,6 +550,19 @@ def _check_locality(engine: "_Engine", x0: Tensor, crop: Tuple[int, int, int, in
     return a if _agree(a, ref) else None
 
 
+# Pixels per batch on CPU: activations of about this many input pixels stay cache-friendly
+# (ResNet-50-DW, 2 cores: 8 x 224^2 and 2 x 448^2 were the fastest, 1.5x faster than 32 x 224^2 and 8 x 448^2).
+CPU_BATCH_PIXELS = 8 * 224 * 224
+
+
+def auto_batch_size(device: Union[str, torch.device], hw: Tuple[int, int]) -> int:
+    """The engine's default batch for images (or crops) of ``hw`` pixels: about
+    :data:`CPU_BATCH_PIXELS` pixels per batch on CPU (1 to 64 images), 32 images elsewhere."""
+    if torch.device(device).type != "cpu":
+        return 32
+    return int(min(64, max(1, CPU_BATCH_PIXELS // max(1, hw[0] * hw[1]))))
+
+
 def compute_erf(
     model: nn.Module,
     data: Any,
@@ -568,7 +582,7 @@ def compute_erf(
     num_images: Optional[int] = None,
     sampling: str = "random",
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: Union[int, str] = "auto",
     device: Union[str, torch.device, None] = None,
     image_size: Union[int, Tuple[int, int], None] = None,
     center: str = "rf",
@@ -576,6 +590,7 @@ def compute_erf(
     stop_at_layer: bool = True,
     cone: bool = True,
     channels_last: Union[bool, str] = "auto",
+    fold_bn: bool = True,
     backend: str = "engine",
     progress: bool = True,
     distributed: Optional[bool] = None,
@@ -599,7 +614,8 @@ def compute_erf(
             ``prefix_tokens``: class/register tokens before the grid (guessed when None).
         num_images, sampling, seed: ``num_images`` images drawn with ``seed``, uniformly
             (``"random"``) or round-robin over labels (``"stratified"``).
-        batch_size, device: images per backward pass and the device (default: the model's).
+        batch_size, device: images per backward pass (``"auto"``: :func:`auto_batch_size` for the
+            computed image or crop size) and the device (default: the model's).
         center: ``"rf"`` (metrics centred on the unit's RF centre) or ``"array"`` (RepLKNet parity).
         crop: ``"auto"``: compute only a stride-aligned crop around the unit's field when the
             graph says the unit sees nothing else, verified on the first batch (one image's units
@@ -612,6 +628,9 @@ def compute_erf(
             restored afterwards). ``"auto"``: on CPU for models with 2-D convolutions whose
             parameters are not channels-last already (oneDNN's convolutions and their backward are
             faster there; the map differs only by float rounding).
+        fold_bn: fold each eval-mode BatchNorm2d that follows a Conv2d into it for the run (the
+            model is restored afterwards; the map differs only by float rounding; see
+            :mod:`erf_lab._fold` for the pairs left alone).
         backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
         progress: tqdm bar (on rank 0).
         distributed: shard images over a torch.distributed group and all-reduce (default: when
@@ -638,8 +657,8 @@ def compute_erf(
         raise ErfLabError(f"backend must be 'engine' or 'captum', got {backend!r}")
     if center not in ("rf", "array"):
         raise ErfLabError(f"center must be 'rf' or 'array', got {center!r}")
-    if batch_size < 1:
-        raise ErfLabError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ErfLabError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")
     source = _Source(data)
     indices = _select(source, num_images, sampling, seed)
     use_dist = _dist.is_active() if distributed is None else bool(distributed and _dist.is_active())
@@ -653,16 +672,19 @@ def compute_erf(
     dtype = _model_dtype(model)
     first_shape: List[Tuple[int, ...]] = []
 
-    def load(ids: Sequence[int]) -> Tensor:
+    def load(ids: Sequence[int], window: Optional[Tuple[int, int, int, int]] = None) -> Tensor:
+        """The images ``ids`` stacked on the device; only ``window`` of each when given."""
         imgs = [source.image(i).to(dtype) for i in ids]
         shapes = {tuple(t.shape) for t in imgs} | ({first_shape[0]} if first_shape else set())
         if size is None and len(shapes) > 1:
             raise ErfLabError(f"images differ in size {sorted(shapes)}; pass image_size to resize them")
         if not first_shape:
             first_shape.append(tuple(imgs[0].shape))
-        x = torch.stack([t if size is None or tuple(t.shape[-2:]) == size else
-                         F.interpolate(t[None], size=size, mode="bicubic", align_corners=False)[0] for t in imgs])
-        return x.to(device)
+        imgs = [t if size is None or tuple(t.shape[-2:]) == size else
+                F.interpolate(t[None], size=size, mode="bicubic", align_corners=False)[0] for t in imgs]
+        if window is not None:
+            imgs = [t[:, window[0] : window[2], window[1] : window[3]] for t in imgs]
+        return torch.stack(imgs).to(device)
 
     was_training = model.training
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -670,6 +692,7 @@ def compute_erf(
     for p in model.parameters():
         p.requires_grad_(False)
     converted = False
+    folding = contextlib.ExitStack()
     try:
         if channels_last == "auto":
             channels_last = (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -685,6 +708,11 @@ def compute_erf(
         if layer in (None, "") and output_index is None:
             layer, layer_note = _default_layer(model, x_first[0])
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
+        n_folded = 0
+        if backend == "engine" and fold_bn:
+            from ._fold import fold_batchnorm
+
+            n_folded = folding.enter_context(fold_batchnorm(model, geo.graph, layer))
         engine = _Engine(model, layer, output_index, geo, opts, stop_at_layer)
         window = None
         locality = "not needed" if backend == "engine" else "captum backend: full image"
@@ -712,11 +740,20 @@ def compute_erf(
 
         bar = tqdm(total=len(my_indices), desc="ERF", unit="img",
                    disable=not progress or not _dist.is_main())
-        for s in range(0, len(my_indices), batch_size):
-            x_full = load(my_indices[s : s + batch_size])
+        def batch_for(window: Optional[Tuple[int, int, int, int]]) -> int:
+            if batch_size != "auto":
+                return int(batch_size)
+            return auto_batch_size(device, (window[2] - window[0], window[3] - window[1]) if window is not None else hw)
+
+        pos, batch_used = 0, 0
+        while pos < len(my_indices):
+            ids = my_indices[pos : pos + batch_for(window)]
+            # the first batch keeps whole images: the check needs a margin around the crop, and a fallback the image
+            pre_cropped = not verify and window is not None
+            x_full = load(ids, window if pre_cropped else None)
             while True:
                 engine.origin = (window[0], window[1]) if window is not None else (0, 0)
-                x = x_full if window is None else x_full[:, :, window[0] : window[2], window[1] : window[3]]
+                x = x_full if window is None or pre_cropped else x_full[:, :, window[0] : window[2], window[1] : window[3]]
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 check = None
@@ -724,13 +761,15 @@ def compute_erf(
                     key = tuple(window) if window is not None else None
                     if key not in refs:  # the first finite image whose units are not all zero (at most 3 tried)
                         refs[key] = (0, None)
-                        for i in torch.isfinite(x_full.flatten(1)).all(1).nonzero().flatten()[:3].tolist():
+                        finite = (i for i in range(x_full.shape[0]) if bool(torch.isfinite(x_full[i]).all()))
+                        for _, i in zip(range(3), finite):
                             ref = _reference(engine, x_full[i], window, seed, channels_last)
                             refs[key] = (i, ref)
                             if ref is None or bool(ref.abs().max() > 0):
                                 break
                     if refs[key][1] is None and window is not None:
                         window, locality = None, "crop not verifiable (no room for a noise margin, or no finite image): full image"
+                        x_full = x_full[: batch_for(window)]  # whole images from now on: an auto batch may shrink
                         continue
                     check = refs[key]
                 try:
@@ -741,6 +780,7 @@ def compute_erf(
                     else:
                         window, locality = None, "empirical locality check failed: full image"
                         cone_note = "off (the locality check failed)" if plan else cone_note
+                        x_full = x_full[: batch_for(window)]
                     continue
                 if verify:
                     verify = False
@@ -759,12 +799,15 @@ def compute_erf(
                 acc += maps.sum(0)
             counts[0] += ok.sum()
             counts[1] += (~ok).sum()
+            pos += b
+            batch_used = max(batch_used, b)
             bar.update(b)
         bar.close()
         if use_dist:
             _dist.all_reduce_sum(acc)
             _dist.all_reduce_sum(counts)
     finally:
+        folding.close()
         if converted:
             model.to(memory_format=torch.contiguous_format)
         for n, p in model.named_parameters():
@@ -794,12 +837,14 @@ def compute_erf(
             "sampling": sampling,
             "seed": seed,
             "batch_size": batch_size,
+            "batch_size_used": batch_used,
             "device": str(device),
             "backend": backend,
             "crop": list(window) if window is not None else None,
             "locality": locality,
             "cone": cone_note,
             "channels_last": bool(channels_last),
+            "bn_folded": n_folded,
             "dtype": str(dtype).replace("torch.", ""),
             "world_size": _dist.rank_world()[1] if use_dist else 1,
             "versions": _versions(),

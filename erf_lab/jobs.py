@@ -112,7 +112,7 @@ def run_erf(
     image: Optional[str] = None,
     num_images: Optional[int] = None,
     image_size: Optional[str] = None,
-    batch_size: int = 8,
+    batch_size: Union[int, str] = "auto",
     device: Optional[str] = None,
     seed: int = 0,
     out: str = "results/erf",

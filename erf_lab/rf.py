@@ -19,6 +19,7 @@ integer coordinates, the image spanning ``[-0.5, H - 0.5]``):
 * global pooling, ``Linear`` after a flatten, attention, routing of CondConv and global DK
   (global average pool) make the output depend on the whole image: ``global = True``.
 """
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -256,6 +257,46 @@ def _is_tensor_node(node: Any) -> bool:
     return isinstance(node, fx.Node) and hasattr(node.meta.get("tensor_meta"), "shape")
 
 
+_SHAPE_PRESERVING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Identity, nn.Dropout, nn.Dropout2d,
+                     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+                     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a GraphModule and stores each node's output metadata in ``node.meta["tensor_meta"]``
+    (as ``torch.fx.passes.shape_prop.ShapeProp`` does, without its traceback printing).
+    ``shortcut``: modules that keep their input's shape pass it through (on meta tensors, where
+    only shapes matter: batch norm's meta decomposition alone cost ~2 ms a layer)."""
+
+    def __init__(self, gm: fx.GraphModule, shortcut: bool = False) -> None:
+        super().__init__(gm)
+        self.shortcut = shortcut
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if (self.shortcut and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                and type(self.fetch_attr(target)) in _SHAPE_PRESERVING):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.node import map_aggregate
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        found = []
+
+        def extract(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                found.append(True)
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
+
+
 class _RFGraph:
     """A traced model with the receptive field of every tensor node."""
 
@@ -277,19 +318,28 @@ class _RFGraph:
         self._propagate_rf()
 
     def _propagate_shapes(self) -> None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
+        """Records ``tensor_meta`` (shapes) on every node: on the meta device (parameters swapped
+        for meta tensors: no compute, a few ms), else with fake activations, else with a real pass."""
         param = next((p for p in self.gm.parameters() if p.is_floating_point()), None)
-        example = torch.zeros(1, *self.input_size, dtype=param.dtype if param is not None else torch.float32,
-                              device=param.device if param is not None else "cpu")
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        try:
+            from torch.nn.utils.stateless import _reparametrize_module
+
+            state = {k: v.to("meta") for k, v in itertools.chain(self.gm.named_parameters(), self.gm.named_buffers())}
+            with _reparametrize_module(self.gm, state), torch.no_grad():
+                _ShapeRecorder(self.gm, shortcut=True).run(torch.empty(1, *self.input_size, dtype=dtype, device="meta"))
+            return
+        except Exception:  # noqa: BLE001 - an op without a meta kernel, or a non-parameter tensor attribute
+            pass
+        example = torch.zeros(1, *self.input_size, dtype=dtype, device=device)
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
-            # Fake activations against the real (un-copied) parameters: no compute, no copy.
+            # Fake activations against the real (un-copied) parameters.
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             with mode:
-                fake = mode.from_tensor(example)
-                ShapeProp(self.gm).propagate(fake)
+                _ShapeRecorder(self.gm).run(mode.from_tensor(example))
             return
         except Exception:  # noqa: BLE001 - fake tensors do not cover every op; use a real pass
             pass
@@ -297,7 +347,7 @@ class _RFGraph:
             was = self.gm.training
             self.gm.eval()
             try:
-                ShapeProp(self.gm).propagate(example)
+                _ShapeRecorder(self.gm).run(example)
             except Exception as exc:  # noqa: BLE001
                 raise ErfLabError(
                     f"the model does not run on an input of size {list(self.input_size)}: {exc}".splitlines()[0]

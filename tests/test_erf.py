@@ -492,3 +492,129 @@ def test_float64_model_is_analysed_in_float64(size):
     with pytest.raises(AssertionError):  # the same model in float32 is only float32-accurate
         r32 = compute_erf(net.float(), torch.randn(2, 1, size, size), preset="luo", progress=False)
         assert np.abs(r32.map - expect).max() < 1e-12 * np.abs(expect).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# speed-ups that must not change the map: batch-norm folding, the crop's backward, auto batches
+
+
+class ConvBNNet(nn.Module):
+    """Conv-BN-ReLU pairs with running statistics and affine parameters far from the identity,
+    a residual block, and a conv whose BN the engine must not fold when it is the target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.conv1 = nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(6, 6, 1)
+        self.bn3 = nn.BatchNorm2d(6)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            for bn in (self.stem[1], self.bn1, self.bn2, self.bn3):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.2, 3.0)
+                bn.weight.uniform_(-2, 2)
+                bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = y + F.relu(self.bn2(self.conv2(y)))
+        return self.bn3(self.conv3(y))
+
+
+def test_batchnorm_folding_gives_the_oracle_map_and_restores_the_model():
+    net = ConvBNNet().eval()
+    images = torch.randn(4, 3, 40, 40)
+    modules = dict(net.named_modules())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    r = compute_erf(net, images, layer="bn3", unit=(9, 11), progress=False)
+    oracle = per_image_oracle(net, images, "bn3", (9, 11), PRESETS["replknet"])
+    np.testing.assert_allclose(r.map, oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+    assert r.meta["bn_folded"] == 3  # stem, bn1, bn2; bn3 is the target
+    assert dict(net.named_modules()) == modules  # the very same module objects, BN included
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    unfolded = compute_erf(net, images, layer="bn3", unit=(9, 11), fold_bn=False, progress=False)
+    assert unfolded.meta["bn_folded"] == 0
+    np.testing.assert_allclose(r.map, unfolded.map, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+
+
+@pytest.mark.parametrize("layer,expected", [("conv3", 3), ("conv2", 3), ("bn2", 3)])
+def test_folding_leaves_the_target_pair_alone(layer, expected):
+    """A conv whose BN follows it is the target: its raw output must be seen, not conv+BN (the
+    oracle hooks the unfolded conv). The other three pairs fold (those after the target never run)."""
+    net = ConvBNNet().eval()
+    images = torch.randn(3, 3, 32, 32)
+    r = compute_erf(net, images, layer=layer, unit=(7, 8), progress=False)
+    oracle = per_image_oracle(net, images, layer, (7, 8), PRESETS["replknet"])
+    np.testing.assert_allclose(r.map, oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+    assert r.meta["bn_folded"] == expected
+
+
+def test_folding_skips_hooked_modules_and_their_hooks_still_fire():
+    net = ConvBNNet().eval()
+    seen = []
+    handle = net.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        r = compute_erf(net, torch.randn(2, 3, 32, 32), layer="bn3", progress=False, crop=False)
+    finally:
+        handle.remove()
+    assert r.meta["bn_folded"] == 2 and seen  # bn1 kept, so its hook saw the run
+
+
+def test_folding_keeps_batch_statistics_norms():
+    net = ConvBNNet().eval()
+    net.bn1.track_running_stats, net.bn1.running_mean, net.bn1.running_var = False, None, None
+    images = torch.randn(3, 3, 32, 32)
+    r = compute_erf(net, images, layer="bn3", unit=(7, 8), progress=False)
+    assert r.meta["bn_folded"] == 2
+
+
+def test_crop_backward_pads_in_the_input_memory_format():
+    from erf_lab._cone import _Crop
+
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: _Crop.apply(t, 2, 7, 1, 5), (x,))
+    y = _Crop.apply(x, 2, 7, 1, 5)
+    w = torch.randn(y.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((y * w).sum(), x)
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.zeros(x.shape, dtype=torch.float64)
+    expected[:, :, 2:7, 1:5] = w
+    assert torch.equal(g, expected)
+
+
+def test_auto_batch_shrinks_when_the_crop_falls_back_to_whole_images(monkeypatch):
+    """The crop's auto batch (many small crops) must not be used for whole images after the
+    locality check fails; every image is still counted once and the map is the full-image one."""
+    import erf_lab.erf as erf_mod
+    import erf_lab.rf as rf_mod
+
+    monkeypatch.setattr(rf_mod, "_statistics_norm", lambda *args: "")  # hide GroupNorm from the graph
+    monkeypatch.setattr(erf_mod, "CPU_BATCH_PIXELS", 4 * 96 * 96)
+    torch.manual_seed(5)
+    net = nn.Sequential(*_stem(), Block(4, 1), nn.GroupNorm(2, 4), Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(10, 3, 96, 96)
+    batches = []
+    handle = net.register_forward_pre_hook(lambda m, i: batches.append(tuple(i[0].shape)))
+    try:
+        r = compute_erf(net, images, layer="6", progress=False)
+    finally:
+        handle.remove()
+    assert r.meta["locality"] == "empirical locality check failed: full image" and r.n_images == 10
+    full = [b[0] for b in batches if b[-2:] == (96, 96)]
+    assert max(full) <= 4 and sum(full) >= 10  # whole-image batches of at most 4 cover all ten images
+    ref = compute_erf(net, images, layer="6", crop=False, batch_size=3, progress=False)
+    np.testing.assert_allclose(r.map, ref.map, rtol=1e-5, atol=1e-6 * np.abs(ref.map).max())
+
+
+def test_auto_batch_size_targets_pixels_per_batch():
+    from erf_lab.erf import CPU_BATCH_PIXELS, auto_batch_size
+
+    assert auto_batch_size("cpu", (224, 224)) * 224 * 224 <= CPU_BATCH_PIXELS < (auto_batch_size("cpu", (224, 224)) + 1) * 224 * 224
+    assert auto_batch_size("cpu", (4096, 4096)) == 1 and auto_batch_size("cpu", (8, 8)) == 64
+    with pytest.raises(ErfLabError, match="batch_size"):
+        compute_erf(SmallNet(), torch.randn(2, 3, 16, 16), layer="block", batch_size=0, progress=False)
