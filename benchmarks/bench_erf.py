@@ -3,8 +3,8 @@
 The baseline is a plain restatement of RepLKNet's erf/visualize_erf.py: batch 1, the full forward
 (the layer's output caught by a hook, the head still runs), ``relu(y[:, :, u]).sum()``, one
 ``autograd.grad``, ``relu(grad).sum((0, 1))``, a host copy and a NaN check per image, a running mean.
-The engine is :func:`erf_lab.compute_erf` with its defaults (batched, forward stopped at the layer,
-channels-last on CPU, a crop around the unit's receptive field and its cone when the graph says that
+The engine is :func:`erf_lab.compute_erf` with its defaults (auto-sized batches, forward stopped at
+the layer, BatchNorm folded into its conv, channels-last on CPU, a crop around the unit's receptive field and its cone when the graph says that
 is exact, verified on the first batch at the cost of one batch-1 forward). Each side runs in its own
 subprocess so its peak memory (max RSS on CPU, max allocated on CUDA) is its own; maps must agree
 to relative L1 < 1e-4. Both wall-clock and CPU-time ratios are reported: on a shared CPU the
