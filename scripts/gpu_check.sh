@@ -3,7 +3,9 @@
 # no network). Builds the extension against that machine's torch, runs the CUDA tests
 # (opcheck, float64 gradcheck, CUDA-vs-reference parity over the CPU test grid,
 # float16/bfloat16 against float32), a compute-sanitizer memcheck of a small case, then
-# benchmarks/bench_ops.py. Everything lands in $OUT (at most 8 files). Budget: < 8 min.
+# benchmarks/bench_ops.py and the ERF engine's GPU case (benchmarks/bench_erf.py --cases b224).
+# Everything lands in $OUT (8 files: summary.txt, build.log, pytest.log, memcheck.log, bench.log,
+# bench_cuda.json, bench_cuda.md, bench_erf_cuda.json). Budget: < 8 min.
 #
 #   run: bash scripts/gpu_check.sh            (OUT defaults to ./gpu_check_out)
 set -u
@@ -27,8 +29,8 @@ stage() { say "[$(( $(date +%s) - t0 )) s] $*"; }
   command -v nvcc && nvcc --version | tail -2
   $PY -c "import ninja; print('ninja ok')" 2>&1
   git log --oneline -1 2>/dev/null
-} > "$OUT/env.txt" 2>&1
-stage "env: $(tail -n +2 "$OUT/env.txt" | head -2 | tr '\n' ' ')"
+} >> "$SUMMARY" 2>&1
+stage "env done"
 
 # 1. Build (JIT, against this machine's torch; sm_90 from the device's capability).
 stage "build start"
@@ -72,11 +74,17 @@ stage "bench start"
 timeout 200 $PY benchmarks/bench_ops.py --device cuda --json "$OUT/bench_cuda.json" \
   --markdown "$OUT/bench_cuda.md" > "$OUT/bench.log" 2>&1
 stage "bench rc=$?"
-left=$(( 450 - ($(date +%s) - t0) ))
+left=$(( 330 - ($(date +%s) - t0) ))
 if [ $left -gt 60 ]; then
   timeout $(( left - 20 )) $PY benchmarks/bench_ops.py --device cuda --dtype bfloat16 --no-reference \
-    --markdown "$OUT/bench_cuda_bf16.md" >> "$OUT/bench.log" 2>&1
+    --markdown /tmp/bench_cuda_bf16.md >> "$OUT/bench.log" 2>&1
   stage "bench bf16 rc=$?"
+  { echo; echo "## bfloat16"; cat /tmp/bench_cuda_bf16.md; } >> "$OUT/bench_cuda.md" 2>/dev/null
 fi
 grep -E "^- |^\*\*" "$OUT/bench_cuda.md" 2>/dev/null | tee -a "$SUMMARY"
+
+# 5. The ERF engine on the GPU (issue target: >= 10x over the RepLKNet loop at 224x224, 32 images).
+stage "bench_erf start"
+timeout 120 $PY benchmarks/bench_erf.py --device cuda --cases b224 --out "$OUT/bench_erf_cuda.json" >> "$OUT/bench.log" 2>&1
+stage "bench_erf rc=$?: $(grep -E '^\| 224' "$OUT/bench.log" | tail -1)"
 stage "done"
