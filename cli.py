@@ -46,17 +46,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ---- section: erf / rf / layers (erf_lab ERF engine) ---------------------------------------
-def _batch_size(text: str) -> Union[int, str]:
-    """``--batch-size``: a positive integer or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return value
+def _int_or_auto(minimum: int) -> Callable[[str], Union[int, str]]:
+    """An argparse type: an integer >= ``minimum`` or ``auto``."""
+
+    def parse(text: str) -> Union[int, str]:
+        if text == "auto":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum} or 'auto', got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
@@ -79,7 +83,7 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--sampling", default="random", choices=["random", "stratified"])
-    p.add_argument("--batch-size", type=_batch_size, default="auto",
+    p.add_argument("--batch-size", type=_int_or_auto(1), default="auto",
                    help="images per backward pass; auto: about 400k pixels of the computed crop on CPU, 32 on GPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,7 +192,8 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--offset-lr-mult", type=float, default=0.1,
                    help="learning-rate factor of DK/DCN offset generators (default: 0.1, as DCN does)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=_int_or_auto(0), default="auto",
+                   help="loader worker processes; auto: 1 where digits-ms renders training images on the fly")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float, default=0.0)

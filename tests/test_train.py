@@ -104,6 +104,20 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert not torch.equal(c["state_dict"]["fc.weight"], b["state_dict"]["fc.weight"])
 
 
+def test_loader_worker_renders_the_same_run(tmp_path):
+    """Fresh digits-ms renders made in a DataLoader worker (the default on 2+ cores) are seeded by
+    (seed, epoch, item) like those made in the training process: the weights are identical."""
+    assert open_data(DATA, split="train").renders_on_the_fly
+    assert not open_data(DATA + ",fresh=0", split="train").renders_on_the_fly
+    a = train("study_net", "conv", DATA, 2, tmp_path / "a.pt", seed=3, num_workers=0, **QUICK)
+    b = train("study_net", "conv", DATA, 2, tmp_path / "b.pt", seed=3, num_workers=1, **QUICK)
+    sa, sb = _state(tmp_path / "a.last.pt")["state_dict"], _state(tmp_path / "b.last.pt")["state_dict"]
+    assert all(torch.equal(v, sb[k]) for k, v in sa.items())
+    assert a["test_acc"] == b["test_acc"]
+    with pytest.raises(ErfLabError, match="num_workers"):
+        train("study_net", "conv", DATA, 1, tmp_path / "c.pt", num_workers=-1, **QUICK)
+
+
 @pytest.mark.parametrize("op", ["dk", "dcn"])
 def test_offset_generators_learn_at_a_tenth_of_the_rate(op, tmp_path):
     train("study_net", op, DATA, 1, tmp_path / "ck.pt", seed=0, lr=1e-3, **QUICK)

@@ -228,17 +228,29 @@ class DigitsMS(SampleDataset):
         self._all_boxes = boxes
         self.boxes = boxes[self._indices]
 
+    @property
+    def renders_on_the_fly(self) -> bool:
+        """True when training items are rendered per epoch (``fresh=1`` with a train part):
+        CPU work that a DataLoader worker can do beside the training step."""
+        return bool(self._opts["fresh"]) and self._train_part is not None
+
     def set_epoch(self, epoch: int) -> None:
         """Use the train renders of ``epoch``: the cached ones for 0, fresh ones after
         (only with ``fresh=1``; val and test items never change)."""
         self.epoch = int(epoch)
+        if self.epoch > 0 and self.renders_on_the_fly:
+            self._sources()  # here, so that DataLoader workers forked after this inherit them
 
-    def _fresh_render(self, j: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _sources(self) -> Tuple[np.ndarray, List[np.ndarray]]:
+        """The glyphs and photographs fresh renders are made from (loaded once, ~1 s)."""
         if self._render_src is None:
             from sklearn.datasets import load_digits
 
             self._render_src = (load_digits().images, _photos())
-        glyph_images, photos = self._render_src
+        return self._render_src
+
+    def _fresh_render(self, j: int) -> Tuple[np.ndarray, np.ndarray]:
+        glyph_images, photos = self._sources()
         rng = np.random.default_rng([self._opts["seed"], 3, self.epoch, j])
         sample = render_sample(rng, glyph_images[self._all_glyphs[j]], photos, self.generated_size,
                                bool(self._opts["jitter"]))
