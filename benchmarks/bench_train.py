@@ -51,7 +51,7 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
