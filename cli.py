@@ -191,7 +191,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-3 AdamW, 0.1 SGD)")
     p.add_argument("--offset-lr-mult", type=float, default=0.1,
                    help="learning-rate factor of DK/DCN offset generators (default: 0.1, as DCN does)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=_int_or_auto(0), default="auto",
                    help="loader worker processes; auto: 1 where digits-ms renders training images on the fly")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])

@@ -29,13 +29,13 @@ from erf_lab.train import train, write_json  # noqa: E402
 
 
 def probe_ms_per_image(arch: str, op: str, arch_kwargs: dict, data: str, out: Path, batch: int, lr: float,
-                       n: int = 256) -> float:
+                       workers="auto", n: int = 1024) -> float:
     """Milliseconds per training image through the real pipeline (fresh digits-ms renders in the
     default loader worker, augmentation, forward, backward, step), from the third epoch of a
     3-epoch run on ``n`` images (the first reads cached renders, the second loads the render
     sources once; validation on 32, counted at 1/3)."""
     m = train(arch, op, data, 3, out / "probe.pt", arch_kwargs=arch_kwargs, max_train_images=n, max_eval_images=32,
-              batch_size=batch, lr=lr, progress=False)
+              batch_size=batch, lr=lr, num_workers=workers, progress=False)
     return 1000 * m["history"][2]["seconds"] / (n + 32 / 3)
 
 
@@ -51,7 +51,9 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", nargs="+", default=["auto", "0"],
+                   help="loader worker settings to probe with each thread count (auto: one digits-ms render worker)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -67,10 +69,12 @@ def main() -> int:
         probes = {}
         for t in args.threads:
             torch.set_num_threads(t)
-            probes[t] = probe_ms_per_image(arch, op, kw, args.data, out, args.batch_size, args.lr)
-        threads = min(probes, key=probes.get)
+            for wk in args.workers:
+                wk = wk if wk == "auto" else int(wk)
+                probes[(t, wk)] = probe_ms_per_image(arch, op, kw, args.data, out, args.batch_size, args.lr, wk)
+        threads, workers = min(probes, key=probes.get)
         torch.set_num_threads(threads)
-        ms = probes[threads]
+        ms = probes[(threads, workers)]
         # validation costs about a third of a training image per image; keep 10% slack for load changes
         per_epoch_s = (n_train * ms + n_val * ms / 3) / 1000
         epochs = int(min(args.max_epochs, 0.9 * budget // per_epoch_s))
@@ -79,15 +83,16 @@ def main() -> int:
             epochs, subset = 1, int(max(256, (0.9 * budget * 1000 - n_val * ms / 3) / ms))
         name = f"{arch}-{op}" + "".join(f"-{k}{v}" for k, v in kw.items())
         load = os.getloadavg()[0]
-        print(f"{name}: {ms:.1f} ms/img with {threads} thread(s) -> {epochs} epoch(s) over {subset or n_train} "
-              f"images", flush=True)
+        print(f"{name}: {ms:.1f} ms/img with {threads} thread(s), workers={workers} -> {epochs} epoch(s) over "
+              f"{subset or n_train} images", flush=True)
         m = train(arch, op, args.data, epochs, out / f"{name}.pt", seed=args.seed, arch_kwargs=kw,
-                  max_train_images=subset, batch_size=args.batch_size, lr=args.lr, progress=False)
+                  max_train_images=subset, batch_size=args.batch_size, lr=args.lr, num_workers=workers, progress=False)
         row = {"arch": arch, "op": op, "arch_kwargs": kw, "budget_s": budget, "probe_ms_per_image": ms,
                "epochs": epochs, "train_images": m["num_train"], "test_acc": m["test_acc"],
                "best_val_acc": m["best_val_acc"], "train_seconds": m["train_seconds"], "params": m["params"],
-               "macs": m["macs"], "load_avg_1min_at_start": load, "threads": threads,
-               "probe_ms_per_image_by_threads": probes, "batch_size": args.batch_size, "lr": args.lr}
+               "macs": m["macs"], "load_avg_1min_at_start": load, "threads": threads, "workers": workers,
+               "probe_ms_per_image_by_threads_workers": {f"{t}x{w}": v for (t, w), v in probes.items()},
+               "batch_size": args.batch_size, "lr": args.lr}
         results.append(row)
         print(json.dumps(row), flush=True)
         write_json({"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()},

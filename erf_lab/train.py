@@ -215,7 +215,7 @@ def train(
     device: Union[str, torch.device] = "cpu",
     resume: bool = False,
     lr: Optional[float] = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     num_workers: Union[int, str] = "auto",
     optimizer: str = "adamw",
     weight_decay: Optional[float] = None,
