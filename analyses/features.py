@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from erf_lab._hooks import get_layer, run_to_layer, select_output
+from erf_lab._progress import loader_bar
 from erf_lab.errors import ErfLabError
 
 from ._io import PathLike, atomic_write, dumps, versions, write_text
@@ -348,7 +349,6 @@ def extract_features(
         (8, 64)
     """
     from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
 
     if pooling not in POOLINGS:
         raise ErfLabError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -381,8 +381,7 @@ def extract_features(
     labels, bins, indices, boxes = [], [], [], []
     try:
         with torch.no_grad():
-            for batch in tqdm(iter(loader), total=len(loader), desc=f"features {layer_name} ({pooling})", disable=not progress,
-                              leave=False):
+            for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", disable=not progress, leave=False):
                 x = batch["image"].to(device)
                 fmap = select_output(run_to_layer(net, x, module, stop=True))
                 if fmap.dim() != 4 or tuple(fmap.shape[2:]) != map_hw:

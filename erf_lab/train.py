@@ -42,7 +42,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .errors import ErfLabError
 from ._io import atomic_write
+from ._progress import loader_bar
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -154,7 +155,7 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, device: 
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total, correct, loss_sum = 0, 0, 0.0
     bin_hits: Dict[int, List[int]] = {}
-    for batch in tqdm(iter(loader), total=len(loader), desc=desc, leave=False, disable=not progress):
+    for batch in loader_bar(loader, desc=desc, leave=False, disable=not progress):
         x, y = batch["image"].to(device), batch["label"].to(device)
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -246,7 +247,7 @@ def train(
         batch_size, num_workers: of the training loader; ``num_workers="auto"``: one worker
             process when the data set renders training images on the fly (``digits-ms``) and
             the machine has two or more cores (it renders the next batch while the model
-            trains: 1.3-1.5x faster epochs on 2 cores with one torch thread), else none.
+            trains: about 1.3x faster epochs on 2 cores with one torch thread), else none.
         optimizer: ``adamw`` or ``sgd``.
         weight_decay: default 0.05 (AdamW) or 5e-4 (SGD).
         warmup_epochs: linear warm-up length, in epochs.
@@ -362,10 +363,7 @@ def train(
                             num_workers=num_workers, drop_last=len(sets["train"]) > batch_size)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        # an iterator, not the loader: tqdm.auto calls iter() on an iterable in __init__ and again to
-        # loop, which made a second loader iterator (workers, prefetching, generator draws) per epoch
-        bar = tqdm(iter(loader), total=len(loader), desc=f"epoch {epoch + 1}/{epochs} train", leave=False,
-                   disable=not progress)
+        bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, disable=not progress)
         for batch in bar:
             x = _shift(batch["image"], max_shift, gen).to(dev)
             y = batch["label"].to(dev)

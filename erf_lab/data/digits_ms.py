@@ -256,9 +256,12 @@ class DigitsMS(SampleDataset):
                                bool(self._opts["jitter"]))
         return sample["image"], sample["box"]
 
+    def _part(self, j: int) -> int:
+        """Which of the loaded splits item ``j`` (of the full split list) belongs to."""
+        return int(np.searchsorted(self._offsets, j, side="right") - 1)
+
     def _is_fresh(self, j: int) -> bool:
-        part = int(np.searchsorted(self._offsets, j, side="right") - 1)
-        return bool(self.epoch > 0 and self._opts["fresh"] and part == self._train_part)
+        return bool(self.epoch > 0 and self._opts["fresh"] and self._part(j) == self._train_part)
 
     def __getitem__(self, i: int):
         item = super().__getitem__(i)
@@ -273,7 +276,7 @@ class DigitsMS(SampleDataset):
         if self._is_fresh(j):
             raw, box_np = self._fresh_render(j)
         else:
-            part = int(np.searchsorted(self._offsets, j, side="right") - 1)
+            part = self._part(j)
             raw, box_np = np.asarray(self._images[part][j - self._offsets[part]]), self._all_boxes[j].copy()
         image = torch.from_numpy(raw.astype(np.float32) / 255.0).permute(2, 0, 1)
         if self.channels == 1:
