@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
+from ._layout import channels_last_pays
 from .errors import ErfLabError
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
@@ -695,8 +696,7 @@ def compute_erf(
     folding = contextlib.ExitStack()
     try:
         if channels_last == "auto":
-            channels_last = (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-                             and all(t.dim() <= 4 for t in list(model.parameters()) + list(model.buffers())))
+            channels_last = channels_last_pays(model, device)
         converted = bool(channels_last) and not any(
             p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
             for p in model.parameters())

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .errors import ErfLabError
 from ._io import atomic_write
+from ._layout import channels_last_pays
 from ._progress import loader_bar
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
@@ -224,6 +225,7 @@ def train(
     offset_lr_mult: float = 0.1,
     label_smoothing: float = 0.0,
     augment: bool = True,
+    channels_last: Union[bool, str] = "auto",
     image_size: Union[int, Sequence[int], None] = None,
     channels: int = 3,
     arch_kwargs: Optional[Dict[str, Any]] = None,
@@ -254,6 +256,10 @@ def train(
         offset_lr_mult: learning-rate factor of the offset generators (DK, DCN).
         label_smoothing: of the cross-entropy loss.
         augment: random shifts of up to 1/16 of the image side.
+        channels_last: train in channels-last memory format (model and batches). ``"auto"``:
+            on CPU for models that :func:`erf_lab._layout.channels_last_pays` allows (oneDNN's
+            convolutions are faster there; CondConv stays in the default format). Results
+            differ only by float rounding; checkpoints are saved in the default format.
         image_size, channels: passed to ``open_data``.
         arch_kwargs: extra model arguments (e.g. ``{"width_mult": 0.5}``).
         max_train_images, max_eval_images: seeded subsets, for quick runs.
@@ -302,6 +308,10 @@ def train(
     full_kwargs = dict(getattr(model, "arch_kwargs", dict(op=op, num_classes=base.num_classes, **kwargs)))
     cx = models.complexity(model, input_size=(channels, h, w))
     model.to(dev)
+    if channels_last == "auto":
+        channels_last = channels_last_pays(model, dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     peak_lr = lr if lr is not None else (6e-3 if optimizer == "adamw" else 0.1)
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
@@ -320,7 +330,8 @@ def train(
         opt, _lr_lambda(int(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch))
 
     train_args = dict(optimizer=optimizer, lr=peak_lr, weight_decay=wd, batch_size=batch_size, epochs=epochs,
-                      warmup_epochs=warmup_epochs, offset_lr_mult=offset_lr_mult, label_smoothing=label_smoothing, augment=augment, seed=seed,
+                      warmup_epochs=warmup_epochs, offset_lr_mult=offset_lr_mult, label_smoothing=label_smoothing,
+                      augment=augment, channels_last=bool(channels_last), seed=seed,
                       max_train_images=max_train_images, max_eval_images=max_eval_images, device=str(dev))
     metrics: Dict[str, Any] = {"history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0,
                                "params": int(cx["params"]), "macs": int(cx["macs"]),
@@ -336,7 +347,7 @@ def train(
     def checkpoint(epoch: int, with_state: bool) -> Dict[str, Any]:
         ckpt: Dict[str, Any] = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "arch_kwargs": full_kwargs,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             "data_spec": data_spec, "class_names": list(base.class_names),
             "size_bin_edges": None if base.size_bin_edges is None else list(base.size_bin_edges),
             "normalization": {"mean": list(base.mean), "std": list(base.std)},
@@ -366,6 +377,8 @@ def train(
         bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, disable=not progress)
         for batch in bar:
             x = _shift(batch["image"], max_shift, gen).to(dev)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = batch["label"].to(dev)
             logits = model(x)
             loss = criterion(logits, y)

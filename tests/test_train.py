@@ -118,6 +118,27 @@ def test_loader_worker_renders_the_same_run(tmp_path):
         train("study_net", "conv", DATA, 1, tmp_path / "c.pt", num_workers=-1, **QUICK)
 
 
+@pytest.mark.parametrize("op", ["conv", "dk_dcn"])
+def test_channels_last_training_matches_the_default_format(op, tmp_path):
+    """The CPU default trains channels-last; the weights after a few steps equal those of a
+    default-format run up to float rounding, and checkpoints hold contiguous tensors. (SGD:
+    Adam's first steps turn rounding-level differences of near-zero gradients into lr-sized ones.)"""
+    kw = dict(QUICK, max_train_images=32, optimizer="sgd")
+    a = train("study_net", op, DATA, 1, tmp_path / "a.pt", seed=5, channels_last=False, **kw)
+    b = train("study_net", op, DATA, 1, tmp_path / "b.pt", seed=5, **kw)
+    ca, cb = _state(tmp_path / "a.last.pt"), _state(tmp_path / "b.last.pt")
+    assert (ca["train_args"]["channels_last"], cb["train_args"]["channels_last"]) == (False, True)
+    sa, sb = ca["state_dict"], cb["state_dict"]
+    assert all(v.is_contiguous() for v in sb.values())
+    for k, v in sa.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(sb[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 1e-5
+    # CondConv's 5-D expert bank cannot be channels-last: "auto" keeps the default format
+    train("study_net", "condconv", DATA, 1, tmp_path / "c.pt", seed=5, **kw)
+    assert _state(tmp_path / "c.last.pt")["train_args"]["channels_last"] is False
+
+
 @pytest.mark.parametrize("op", ["dk", "dcn"])
 def test_offset_generators_learn_at_a_tenth_of_the_rate(op, tmp_path):
     train("study_net", op, DATA, 1, tmp_path / "ck.pt", seed=0, lr=1e-3, **QUICK)
