@@ -9,6 +9,7 @@ net, 10 min for MobileNetV2). Results go to a JSON file and a Markdown table.
 
     python benchmarks/bench_train.py --out results/bench_train        # everything
     python benchmarks/bench_train.py --ops conv dk --skip-mobilenet    # a part
+    python benchmarks/bench_train.py --ops                             # MobileNetV2 only
 
 Timings depend on the machine and on what else runs on it; the JSON records the thread
 count (the faster of 1 and 2 in the probe) and the load average at the start of each run.
@@ -43,7 +44,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/bench_train")
     p.add_argument("--data", default="digits-ms")
-    p.add_argument("--ops", nargs="+", default=list(models.OPS))
+    p.add_argument("--ops", nargs="*", default=list(models.OPS), help="study-net ops (none: MobileNetV2 only)")
     p.add_argument("--budget-s", type=float, default=180.0, help="study-net budget per op (seconds)")
     p.add_argument("--mobilenet-budget-s", type=float, default=600.0)
     p.add_argument("--mobilenet-ops", nargs="+", default=["conv"])

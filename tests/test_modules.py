@@ -213,6 +213,23 @@ def test_every_zoo_model_runs_forward_and_backward_for_every_op(name, kwargs, si
     rebuilt.load_state_dict(net.state_dict())
 
 
+@pytest.mark.parametrize("op", ["conv", "dk"])
+def test_mobilenet_v2_residual_blocks_start_as_the_identity(op):
+    """zero_init_last (the default) zeroes the last BN scale of residual blocks: in train mode
+    such a block returns its input exactly; without it the block changes its input."""
+    from dk_ops.models.mobilenetv2 import InvertedResidual
+
+    for zero, identity in ((True, True), (False, False)):
+        net = models.create("mobilenet_v2", op=op, num_classes=5, width_mult=0.25, zero_init_last=zero)
+        blocks = [m for m in net.modules() if isinstance(m, InvertedResidual) and m.use_residual]
+        assert blocks
+        for b in blocks:
+            xb = torch.randn(2, b.conv[-1].num_features, 8, 8)
+            assert torch.equal(b(xb), xb) == identity
+        plain = [m for m in net.modules() if isinstance(m, InvertedResidual) and not m.use_residual]
+        assert all(bool((m.conv[-1].weight == 1).all()) for m in plain)  # only residual blocks
+
+
 def test_zoo_registry_and_errors():
     assert models.names() == ["mobilenet_v2", "resnet50_dw", "study_net"]
     assert models.names("*net*") == ["mobilenet_v2", "resnet50_dw", "study_net"]

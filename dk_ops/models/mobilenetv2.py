@@ -54,6 +54,10 @@ class MobileNetV2(nn.Module):
     """MobileNetV2; ``op`` selects the depthwise operator (conv, dcn, condconv, dk_global, dk, dk_dcn).
 
     ``stem_stride`` (2 as in the paper) can be set to 1 for small inputs such as 64x64.
+    ``zero_init_last`` (default True) zeroes the scale of the last BatchNorm of every residual
+    block, so each block starts as the identity (Goyal et al., 2017; timm's ``zero_init_last``).
+    Trained from scratch on ``digits-ms`` at width 0.5, the default init sat at chance for about
+    10 epochs; with it, learning started within 3-4 (README, *Training study models*).
     """
 
     # expansion t, channels c, repeats n, first stride s
@@ -67,6 +71,7 @@ class MobileNetV2(nn.Module):
         in_chans: int = 3,
         stem_stride: int = 2,
         dropout: float = 0.2,
+        zero_init_last: bool = True,
         **layer_kwargs,
     ) -> None:
         super().__init__()
@@ -91,6 +96,10 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.Linear) and m.out_features == num_classes:
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, InvertedResidual) and m.use_residual:
+                    nn.init.zeros_(m.conv[-1].weight)
         _zero_offset_generators(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -112,5 +121,6 @@ def _zero_offset_generators(model: nn.Module) -> None:
 
 @register_model
 def mobilenet_v2(op: str = "conv", num_classes: int = 1000, **kwargs) -> MobileNetV2:
-    """MobileNetV2 (``width_mult``, ``stem_stride``, ``in_chans``; input size free)."""
+    """MobileNetV2 (``width_mult``, ``stem_stride``, ``in_chans``, ``dropout``, ``zero_init_last``;
+    input size free)."""
     return MobileNetV2(op=op, num_classes=num_classes, **kwargs)
