@@ -215,12 +215,12 @@ def test_every_zoo_model_runs_forward_and_backward_for_every_op(name, kwargs, si
 
 @pytest.mark.parametrize("op", ["conv", "dk"])
 def test_mobilenet_v2_residual_blocks_start_as_the_identity(op):
-    """zero_init_last (the default) zeroes the last BN scale of residual blocks: in train mode
-    such a block returns its input exactly; without it the block changes its input."""
+    """zero_init_last zeroes the last BN scale of residual blocks: in train mode such a block
+    returns its input exactly; without it (the default) the block changes its input."""
     from dk_ops.models.mobilenetv2 import InvertedResidual
 
-    for zero, identity in ((True, True), (False, False)):
-        net = models.create("mobilenet_v2", op=op, num_classes=5, width_mult=0.25, zero_init_last=zero)
+    for kw, identity in (({"zero_init_last": True}, True), ({}, False)):
+        net = models.create("mobilenet_v2", op=op, num_classes=5, width_mult=0.25, **kw)
         blocks = [m for m in net.modules() if isinstance(m, InvertedResidual) and m.use_residual]
         assert blocks
         for b in blocks:

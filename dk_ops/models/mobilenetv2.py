@@ -54,10 +54,11 @@ class MobileNetV2(nn.Module):
     """MobileNetV2; ``op`` selects the depthwise operator (conv, dcn, condconv, dk_global, dk, dk_dcn).
 
     ``stem_stride`` (2 as in the paper) can be set to 1 for small inputs such as 64x64.
-    ``zero_init_last`` (default True) zeroes the scale of the last BatchNorm of every residual
-    block, so each block starts as the identity (Goyal et al., 2017; timm's ``zero_init_last``).
-    Trained from scratch on ``digits-ms`` at width 0.5, the default init sat at chance for about
-    10 epochs; with it, learning started within 3-4 (README, *Training study models*).
+    ``zero_init_last=True`` zeroes the scale of the last BatchNorm of every residual block, so
+    each block starts as the identity (Goyal et al., 2017; timm's ``zero_init_last``). Off by
+    default, as in torchvision: trained from scratch on ``digits-ms`` at width 0.5 it left the
+    initial plateau sooner in two 8-epoch runs but stayed at chance for 33 of 41 epochs in the
+    benchmark's 10-minute run (README, *Training study models*).
     """
 
     # expansion t, channels c, repeats n, first stride s
@@ -71,7 +72,7 @@ class MobileNetV2(nn.Module):
         in_chans: int = 3,
         stem_stride: int = 2,
         dropout: float = 0.2,
-        zero_init_last: bool = True,
+        zero_init_last: bool = False,
         **layer_kwargs,
     ) -> None:
         super().__init__()
