@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
-from ._layout import channels_last_pays
+from ._layout import resolve_channels_last
 from .errors import ErfLabError
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
@@ -695,8 +695,7 @@ def compute_erf(
     converted = False
     folding = contextlib.ExitStack()
     try:
-        if channels_last == "auto":
-            channels_last = channels_last_pays(model, device)
+        channels_last = resolve_channels_last(channels_last, model, device)
         converted = bool(channels_last) and not any(
             p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
             for p in model.parameters())

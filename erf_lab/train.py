@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .errors import ErfLabError
 from ._io import atomic_write
-from ._layout import channels_last_pays
+from ._layout import resolve_channels_last
 from ._progress import loader_bar
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
@@ -308,8 +308,7 @@ def train(
     full_kwargs = dict(getattr(model, "arch_kwargs", dict(op=op, num_classes=base.num_classes, **kwargs)))
     cx = models.complexity(model, input_size=(channels, h, w))
     model.to(dev)
-    if channels_last == "auto":
-        channels_last = channels_last_pays(model, dev)
+    channels_last = resolve_channels_last(channels_last, model, dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
 

@@ -137,6 +137,10 @@ def test_channels_last_training_matches_the_default_format(op, tmp_path):
     # CondConv's 5-D expert bank cannot be channels-last: "auto" keeps the default format
     train("study_net", "condconv", DATA, 1, tmp_path / "c.pt", seed=5, **kw)
     assert _state(tmp_path / "c.last.pt")["train_args"]["channels_last"] is False
+    with pytest.raises(ErfLabError, match="more than 4 dimensions"):
+        train("study_net", "condconv", DATA, 1, tmp_path / "d.pt", channels_last=True, **kw)
+    with pytest.raises(ErfLabError, match="channels_last must be"):
+        train("study_net", "conv", DATA, 1, tmp_path / "e.pt", channels_last="yes", **kw)
 
 
 @pytest.mark.parametrize("op", ["dk", "dcn"])
