@@ -40,8 +40,11 @@ __all__ = ["load", "is_loaded", "has_cuda", "status", "cached_build_exists"]
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _CPU_SOURCES = ["deform_kernel_conv2d.cpp", "cpu/deform_kernel_conv2d_kernel.cpp"]
 _CUDA_SOURCES = ["cuda/deform_kernel_conv2d_kernel.cu"]
-_HEADERS = ["deform_kernel_conv2d_impl.h"]
-_CFLAGS = ["-O3"]
+_HEADERS = ["deform_kernel_conv2d_impl.h", "cpu/depthwise_channels_last.h"]
+# -fopenmp: ATen's at::parallel_for is header-inline and runs serially unless the
+# extension itself is compiled with OpenMP; linking it resolves to the libgomp torch loaded.
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _CUDA_FLAGS = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _lock = threading.Lock()
@@ -90,7 +93,7 @@ def _build_name(with_cuda: bool) -> str:
         h.update((_CSRC / rel).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
-    h.update(" ".join(_CFLAGS + (_CUDA_FLAGS + _arch_flags() if with_cuda else [])).encode())
+    h.update(" ".join(_CFLAGS + _LDFLAGS + (_CUDA_FLAGS + _arch_flags() if with_cuda else [])).encode())
     return f"dk_ops_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
 
 
@@ -121,6 +124,7 @@ def _compile(with_cuda: bool) -> str:
         name=name,
         sources=sources,
         extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
         extra_cuda_cflags=list(_CUDA_FLAGS) + _arch_flags() if with_cuda else None,
         build_directory=str(directory),
         with_cuda=with_cuda,
@@ -193,6 +197,13 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format the kernels give an output of argument ``t`` (impl.h's ``format_of``):
+    channels-last when ``t`` is channels-last and not also contiguous, as conv2d does."""
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _register() -> None:
     lib = torch.ops.dk_ops
 
@@ -202,13 +213,14 @@ def _register() -> None:
         n, _, h, w = input.shape
         ho = _out_size(h, kh, sh, ph, dh)
         wo = _out_size(w, kw, sw, pw, dw)
-        return input.new_empty((n, weight.shape[0], ho, wo))
+        return input.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_format_of(input))
 
     @torch.library.register_fake("dk_ops::_deform_kernel_conv2d_backward")
     def _fake_backward(grad, input, weight, kernel_offset, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, groups,
                        output_mask):
         def like(t, want):
-            return t.new_empty(t.shape) if (want and t is not None) else input.new_empty((0,))
+            return t.new_empty(t.shape).contiguous(memory_format=_format_of(t)) if (want and t is not None) \
+                else input.new_empty((0,))
 
         return (
             like(input, output_mask[0]),
@@ -230,7 +242,7 @@ def _register() -> None:
         need = [bool(v) for v in ctx.needs_input_grad[:6]]
         need[5] = need[5] and ctx.has_bias
         grads = lib._deform_kernel_conv2d_backward(
-            grad.contiguous(), input, weight, kernel_offset, offset, mask, *ctx.sizes, need
+            grad, input, weight, kernel_offset, offset, mask, *ctx.sizes, need
         )
         return tuple(g if want else None for g, want in zip(grads, need)) + (None,) * len(_SIZE_NAMES)
 

@@ -193,6 +193,67 @@ def test_backend_env_var(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Determinism: two runs of the weight gradient are bitwise equal.
 
+# Depthwise on channels-last tensors: its own CPU kernels (cpu/depthwise_channels_last.h).
+DEPTHWISE_GRID = [
+    dict(groups=4),
+    dict(groups=4, kernel="global"),
+    dict(groups=4, kernel=None, gi=1),
+    dict(groups=4, kernel=None, mask=True, gm=2, bias=False),
+    dict(groups=4, gk=2, gi=2, mask=True),
+    dict(c_in=8, c_out=8, groups=8, gk=2, gi=4, gm=2, mask=True, stride=(2, 1), padding=(2, 1), dilation=(1, 2)),
+    dict(c_in=6, c_out=6, groups=6, gk=3, kernel="global", mask=True, bias=False),
+    dict(groups=4, k=(2, 3), scope=(3, 5), hw=(6, 5), gi=1, padding=(1, 0)),
+    dict(c_in=3, c_out=3, groups=3, k=(3, 3), scope=(3, 3), kernel=None, gi=1, mask=True, stride=(2, 2)),
+]
+
+
+def channels_last(args):
+    """Input, kernel offsets, offsets and mask in channels-last format (the weight as it is)."""
+    return [a.to(memory_format=torch.channels_last) if a is not None and a.dim() == 4 and i != 1 else a
+            for i, a in enumerate(args)]
+
+
+@pytest.mark.parametrize("cfg", DEPTHWISE_GRID, ids=_ids)
+def test_channels_last_depthwise_parity_and_formats(cfg):
+    args, sizes = make(**cfg)
+    cl = channels_last(args)
+    assert_parity(cl, sizes)
+    assert_parity([cl[0]] + args[1:], sizes)  # channels-last input, NCHW offsets and mask
+    live = [None if a is None else a.detach().clone().requires_grad_() for a in cl]
+    y = call_native(live, sizes)
+    # outputs follow their argument's format, as conv2d's do
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    grads = torch.autograd.grad(y, [a for a in live if a is not None], torch.randn_like(y))
+    for a, g in zip([a for a in live if a is not None], grads):
+        if a.dim() == 4 and not a.is_contiguous():
+            assert g.is_contiguous(memory_format=torch.channels_last), g.stride()
+    plain = call_native(args, sizes)
+    assert plain.is_contiguous()
+    torch.testing.assert_close(y, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_depthwise_float32_gradcheck_like_float64():
+    args, sizes = make(dtype=torch.float32, groups=4, gi=1, mask=True)
+    assert_parity(channels_last(args), sizes, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_depthwise_gradients_do_not_depend_on_threads(threads):
+    args, sizes = make(dtype=torch.float32, groups=4, n=5, hw=(9, 8), gi=1, mask=True)
+    cl = channels_last(args)
+    go = torch.randn_like(call_native(cl, sizes))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = values_and_grads(call_native, cl, sizes, go)[1]
+        torch.set_num_threads(threads)
+        many = values_and_grads(call_native, cl, sizes, go)[1]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("generic", [False, True])
 @pytest.mark.parametrize("cfg", [dict(groups=4, n=3, hw=(12, 11)), dict(groups=2, gk=2, n=3, hw=(12, 11), gi=1),
                                  dict(groups=1, kernel="global", n=3), dict(groups=4, n=2, hw=(70, 70), gi=2)],
@@ -210,9 +271,14 @@ def test_weight_gradient_is_deterministic(cfg, generic, monkeypatch):
 # torch.library: opcheck, torch.compile, torch.export.
 
 @pytest.mark.parametrize("cfg", [dict(), dict(groups=2, gk=2, gi=2, mask=True), dict(kernel="global", groups=4),
-                                 dict(kernel=None, mask=True, bias=False)], ids=_ids)
+                                 dict(kernel=None, mask=True, bias=False), dict(groups=4, gi=1, mask=True, cl=True),
+                                 dict(groups=4, kernel="global", cl=True)], ids=_ids)
 def test_opcheck_forward_and_backward_ops(cfg):
-    args, sizes = make(n=1, hw=(5, 4), **cfg)
+    cfg = dict(cfg)
+    cl = cfg.pop("cl", False)
+    args, sizes = make(n=2 if cl else 1, hw=(5, 4), **cfg)
+    if cl:  # the channels-last depthwise kernels, and outputs in their arguments' formats
+        args = channels_last(args)
     fwd_args = tuple(None if a is None else a.requires_grad_() for a in args) + flat(sizes)
     torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d.default, fwd_args)
     y = call_native(args, sizes).detach()

@@ -250,6 +250,30 @@ inline Params make_params(const at::Tensor& input, const at::Tensor& weight, con
   return p;
 }
 
+// Outputs take the memory format of their argument, as conv2d's do: channels-last
+// when the argument is channels-last (and not also plain contiguous), else contiguous.
+// dk_ops/_native.py's fake kernels apply the same rule.
+inline at::MemoryFormat format_of(const at::Tensor& t) {
+  const bool cl = t.defined() && t.dim() == 4 && !t.is_contiguous() &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline at::Tensor in_format_of(const at::Tensor& out, const c10::optional<at::Tensor>& ref) {
+  if (!out.defined() || out.dim() != 4 || !ref.has_value() || !ref->defined()) return out;
+  return out.contiguous(format_of(*ref));
+}
+
+// The backward's (input, weight, kernel_offset, offset, mask, bias) gradients in their arguments' formats.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads_in_formats(
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> g, const at::Tensor& input,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& dk, const c10::optional<at::Tensor>& off,
+    const c10::optional<at::Tensor>& mask) {
+  return std::make_tuple(in_format_of(std::get<0>(g), input), in_format_of(std::get<1>(g), weight),
+                         in_format_of(std::get<2>(g), dk), in_format_of(std::get<3>(g), off),
+                         in_format_of(std::get<4>(g), mask), std::get<5>(g));
+}
+
 // Samples per chunk so that the per-chunk buffers stay under `budget` bytes.
 inline int64_t chunk_size(const Params& p, int64_t elem, int64_t budget) {
   const int64_t per = (3 * p.C * p.K + 2 * p.Cg * p.S + 2 * p.Co + 8 * (p.Gi + p.Gk) * p.K) * p.L * elem + 1;

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../deform_kernel_conv2d_impl.h"
+#include "depthwise_channels_last.h"
 
 namespace dk_ops {
 namespace {
@@ -276,6 +277,19 @@ at::Tensor up(const at::Tensor& t) {
   return t.defined() ? t.to(at::kFloat) : t;
 }
 
+at::Tensor raw(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? *t : at::Tensor();
+}
+
+// The channels-last depthwise kernels (depthwise_channels_last.h) take a channels-last
+// float32/float64 input with groups == in_channels == out_channels (DK_OPS_CPU_GENERIC=1
+// turns them off, like the other CPU-only passes).
+bool channels_last_depthwise(const at::Tensor& input, const detail::Params& p) {
+  const auto dt = input.scalar_type();
+  return detail::format_of(input) == at::MemoryFormat::ChannelsLast && p.Cg == 1 && p.Cog == 1 &&
+         (dt == at::kFloat || dt == at::kDouble) && CpuExec::fused_depthwise_backward();
+}
+
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& kernel_offset,
                        const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& mask,
                        const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw, int64_t sth, int64_t stw,
@@ -283,16 +297,24 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   TORCH_CHECK(input.device().is_cpu(), "dk_ops: CPU kernel called with a ", input.device(), " tensor");
   const Params p = detail::make_params(input, weight, kernel_offset, offset, mask, kh, kw, sth, stw, ph, pw, dh, dw,
                                        groups);
+  at::Tensor out;
+  if (channels_last_depthwise(input, p)) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_kernel_conv2d_cpu_cl", [&] {
+      out = detail::dw_channels_last_forward<scalar_t>(input, weight, raw(kernel_offset), raw(offset), raw(mask),
+                                                       raw(bias), p);
+    });
+    return out;
+  }
   at::Tensor x = input.contiguous(), w = weight.contiguous();
   at::Tensor dk = opt(kernel_offset), off = opt(offset), m = opt(mask), b = opt(bias);
   if (reduced(x)) {
-    return detail::forward_impl<float, CpuExec>(up(x), up(w), up(dk), up(off), up(m), up(b), p).to(x.scalar_type());
+    out = detail::forward_impl<float, CpuExec>(up(x), up(w), up(dk), up(off), up(m), up(b), p).to(x.scalar_type());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_conv2d_cpu", [&] {
+      out = detail::forward_impl<scalar_t, CpuExec>(x, w, dk, off, m, b, p);
+    });
   }
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_conv2d_cpu", [&] {
-    out = detail::forward_impl<scalar_t, CpuExec>(x, w, dk, off, m, b, p);
-  });
-  return out;
+  return detail::in_format_of(out, input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -306,19 +328,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == p.N && grad.size(1) == p.Co && grad.size(2) == p.Ho &&
                   grad.size(3) == p.Wo,
               "dk_ops: grad has shape ", grad.sizes(), ", expected (", p.N, ", ", p.Co, ", ", p.Ho, ", ", p.Wo, ")");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  if (channels_last_depthwise(input, p)) {
+    std::array<at::Tensor, 6> r;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_kernel_conv2d_backward_cpu_cl", [&] {
+      const at::Tensor g = grad.to(input.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+      r = detail::dw_channels_last_backward<scalar_t>(g, input, weight, raw(kernel_offset), raw(offset), raw(mask),
+                                                      p, output_mask);
+    });
+    for (auto& t : r) {
+      if (!t.defined()) t = at::empty({0}, input.options());
+    }
+    out = std::make_tuple(r[0], r[1], r[2], r[3], r[4], r[5]);
+    return detail::grads_in_formats(out, input, weight, kernel_offset, offset, mask);
+  }
   at::Tensor g = grad.contiguous(), x = input.contiguous(), w = weight.contiguous();
   at::Tensor dk = opt(kernel_offset), off = opt(offset), m = opt(mask);
   if (reduced(x)) {
     auto r = detail::backward_impl<float, CpuExec>(up(g), up(x), up(w), up(dk), up(off), up(m), p, output_mask);
     const auto dt = x.scalar_type();
-    return std::make_tuple(std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
-                           std::get<3>(r).to(dt), std::get<4>(r).to(dt), std::get<5>(r).to(dt));
+    out = std::make_tuple(std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
+                          std::get<3>(r).to(dt), std::get<4>(r).to(dt), std::get<5>(r).to(dt));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_conv2d_backward_cpu", [&] {
+      out = detail::backward_impl<scalar_t, CpuExec>(g.to(x.scalar_type()), x, w, dk, off, m, p, output_mask);
+    });
   }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_kernel_conv2d_backward_cpu", [&] {
-    out = detail::backward_impl<scalar_t, CpuExec>(g.to(x.scalar_type()), x, w, dk, off, m, p, output_mask);
-  });
-  return out;
+  return detail::grads_in_formats(out, input, weight, kernel_offset, offset, mask);
 }
 
 }  // namespace

@@ -195,7 +195,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "deform_kernel_conv2d_cuda", [&] {
     out = detail::forward_impl<scalar_t, CudaExec>(x, w, dk, off, m, b, p);
   });
-  return out;
+  return detail::in_format_of(out, input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                     out = detail::backward_impl<scalar_t, CudaExec>(g.to(x.scalar_type()), x, w, dk,
                                                                                    off, m, p, output_mask);
                                   });
-  return out;
+  return detail::grads_in_formats(out, input, weight, kernel_offset, offset, mask);
 }
 
 }  // namespace
