@@ -76,22 +76,95 @@ def test_splits_are_disjoint_by_source_digit_and_stratified(small_arrays):
     assert dup == 0
 
 
-def test_render_box_is_exactly_the_pasted_ink():
+@pytest.fixture(scope="module")
+def pyramids():
+    return digits_ms.PhotoPyramids(digits_ms._photos())
+
+
+@pytest.mark.parametrize("size", [64, 32, 16])
+def test_render_box_is_exactly_the_pasted_ink(pyramids, size):
     from sklearn.datasets import load_digits
 
     glyphs = load_digits().images
-    photos = digits_ms._photos()
     rng = np.random.default_rng(123)
     for k in range(40):
-        s = digits_ms.render_sample(rng, glyphs[k * 37], photos, 64, jitter=True)
+        s = digits_ms.render_sample(rng, glyphs[k * 37], pyramids, size, jitter=True)
         changed = (s["image"] != s["background"]).any(-1)
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
         x, y, w, h = s["box"]
         assert (cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1) == (x, y, w, h)
-        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
-        # the ink is the digit: the changed mask, shrunk to 8 rows, follows the glyph's row profile
+        assert x >= 0 and y >= 0 and x + w <= size and y + h <= size
+        # the ink is the digit, not a sliver of it (the smallest objects are 0.12 x size)
         ink_rows = np.flatnonzero(glyphs[k * 37].max(1) >= 1)
-        assert h >= len(ink_rows) * 0.5 or h >= 3
+        assert h >= len(ink_rows) * 0.5 or h >= min(3, 0.12 * size)
+    # a list of photographs works too (converted per call), with the same result
+    draws = np.random.default_rng(5).random(len(digits_ms.DRAWS))
+    a = digits_ms.render_sample(draws, glyphs[0], pyramids, size, jitter=True)
+    b = digits_ms.render_sample(draws, glyphs[0], digits_ms._photos(), size, jitter=True)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["box"], b["box"])
+
+
+def test_render_glyph_is_pil_bilinear():
+    """The glyph resize matrix against PIL's own (antialiased) bilinear resize of the 8x8 digit."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    glyphs = load_digits().images
+    for k, scale in [(0, 0.4), (1, 0.7), (2, 1.0), (3, 1.3), (4, 2.6), (5, 4.1), (6, 6.7), (7, 0.55)]:
+        side = max(1, int(round(8 * scale)))
+        ref = Image.fromarray((glyphs[k] / 16.0).astype(np.float32), mode="F").resize((side, side), Image.BILINEAR)
+        ref = np.asarray(ref, np.float32).copy()
+        ref[ref < digits_ms.ALPHA_CUT] = 0.0
+        rows, cols = np.flatnonzero(ref.any(1)), np.flatnonzero(ref.any(0))
+        ref = ref[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        got = digits_ms.render_glyph(glyphs[k], scale)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_photo_pyramid_crops_are_area_averages(pyramids):
+    photos = digits_ms._photos()
+    p = photos[1].astype(np.float64) / 255.0
+    # a crop of the output's side at whole-pixel offsets is the photo's pixels (mirrored or not)
+    got = pyramids.crops(np.array([1, 1]), np.array([37, 37]), np.array([101, 101]), np.array([32, 32]), 32,
+                         np.array([False, True])).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got[0], p[37:69, 101:133], atol=1e-4)
+    np.testing.assert_allclose(got[1], p[37:69, 101:133][:, ::-1], atol=1e-4)
+    # 2x and 4x (aligned): each output pixel is the mean of its 2x2 / 4x4 block of photo pixels
+    for f in (2, 4):
+        y0, x0 = 8 * f, 20 * f
+        got = pyramids.crops(np.array([1]), np.array([y0]), np.array([x0]), np.array([32 * f]), 32,
+                             np.array([False]))[0].numpy().transpose(1, 2, 0)
+        block = p[y0:y0 + 32 * f, x0:x0 + 32 * f].reshape(32, f, 32, f, 3).mean((1, 3))
+        np.testing.assert_allclose(got, block, atol=1e-4)
+    # any ratio: close to torch's antialiased resize, unlike a plain bilinear resize (aliased)
+    for side, y0, x0 in [(427, 0, 100), (301, 50, 203), (150, 211, 17), (97, 3, 500)]:
+        got = pyramids.crops(np.array([0]), np.array([y0]), np.array([x0]), np.array([side]), 64,
+                             np.array([False]))[0]
+        crop = torch.from_numpy(photos[0][y0:y0 + side, x0:x0 + side].astype(np.float32) / 255).permute(2, 0, 1)[None]
+        ref = torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True)[0]
+        plain = torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=False)[0]
+        err, aliased = (got - ref).abs().mean(), (plain - ref).abs().mean()
+        assert err < 0.02 and (side < 128 or err < 0.6 * aliased), (side, float(err), float(aliased))
+
+
+def test_philox_known_answers_and_fresh_draws():
+    # Random123's kat_vectors for philox4x32-10: counter, key -> output
+    for ctr, key, out in [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]:
+        assert digits_ms.philox4x32(np.array(ctr, np.uint32), key).tolist() == list(out)
+    d = digits_ms.fresh_draws(0, 1, np.arange(20000))
+    assert d.shape == (20000, len(digits_ms.DRAWS)) and 0 < d.min() and d.max() < 1
+    assert abs(d.mean() - 0.5) < 0.003 and abs(d.var() * 12 - 1) < 0.01
+    assert np.abs(np.corrcoef(d.T) - np.eye(d.shape[1])).max() < 0.04
+    # a function of (seed, epoch, item) alone: any batch gives the same row; each key changes it
+    np.testing.assert_array_equal(digits_ms.fresh_draws(0, 1, [1234, 5])[0], d[1234])
+    for other in (digits_ms.fresh_draws(1, 1, [1234]), digits_ms.fresh_draws(0, 2, [1234]), d[1235:1236]):
+        assert not np.isclose(other[0], d[1234]).any()
 
 
 def test_fresh_train_renders_per_epoch():
@@ -115,8 +188,8 @@ def test_fresh_train_renders_per_epoch():
     from sklearn.datasets import load_digits
 
     j = one[0]["index"]
-    rng = np.random.default_rng([0, 3, 1, j])
-    s = digits_ms.render_sample(rng, load_digits().images[train.glyphs[0]], digits_ms._photos(), 32, jitter=True)
+    draws = digits_ms.fresh_draws(0, 1, [j])[0]
+    s = digits_ms.render_sample(draws, load_digits().images[train.glyphs[0]], digits_ms._photos(), 32, jitter=True)
     expect = (torch.from_numpy(s["image"].astype(np.float32) / 255.0).permute(2, 0, 1) - train._mean_t) / train._std_t
     assert torch.allclose(one[0]["image"], expect, atol=1e-6)
     # val and test never change; fresh=0 keeps the cached train renders
@@ -127,6 +200,64 @@ def test_fresh_train_renders_per_epoch():
     fixed = open_data(SMALL + ",fresh=0", split="train")
     fixed.set_epoch(5)
     assert torch.equal(fixed[0]["image"], cached[0]["image"])
+
+
+def _same_items(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["index"] == y["index"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["box"], y["box"])
+        assert (x["label"], x["size_bin"]) == (y["label"], y["size_bin"])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"image_size": 48, "channels": 1}])
+def test_batched_items_equal_single_items_in_any_batch(kwargs):
+    ds = open_data(SMALL, split="all", **kwargs)  # fresh train items beside cached val and test ones
+    ds.set_epoch(2)
+    idx = np.random.default_rng(0).choice(len(ds), 45, replace=False).tolist()
+    assert 10 < sum(i < len(open_data(SMALL, split="train")) for i in idx) < 40
+    single = [ds[i] for i in idx]
+    _same_items(ds.__getitems__(idx), single)
+    _same_items(ds.__getitems__(idx[::-1])[::-1], single)
+    _same_items(sum((ds.__getitems__(idx[k:k + 7]) for k in range(0, len(idx), 7)), []), single)
+    assert ds[-1]["index"] == ds[len(ds) - 1]["index"] and ds.__getitems__([]) == []
+    with pytest.raises(IndexError):
+        ds.__getitems__([0, len(ds)])
+
+
+def test_dataloader_batches_are_the_single_items():
+    """Through the real access path (DataLoader over a Subset, which calls __getitems__), any
+    batch size, order and number of workers gives each item's own render."""
+    from torch.utils.data import Subset
+
+    train = open_data(SMALL, split="train")
+    train.set_epoch(3)
+    idx = np.random.default_rng(1).choice(len(train), 40, replace=False).tolist()
+    single = {i: train[i] for i in idx}
+    for batch_size, workers in [(16, 0), (5, 0), (7, 1)]:
+        loader = DataLoader(Subset(train, idx), batch_size=batch_size, shuffle=True, num_workers=workers,
+                            generator=torch.Generator().manual_seed(batch_size))
+        seen = 0
+        for batch in loader:
+            for k, j in enumerate(batch["index"].tolist()):
+                ref = single[j]
+                assert torch.equal(batch["image"][k], ref["image"]) and torch.equal(batch["box"][k], ref["box"])
+                assert (batch["label"][k], batch["size_bin"][k]) == (ref["label"], ref["size_bin"])
+                seen += 1
+        assert seen == len(idx)
+
+
+def test_fresh_renders_have_the_cached_distribution():
+    """Fresh and cached renders come from one renderer: the fresh train set fills the cached
+    set's size bins evenly and matches its pixel statistics (normalised with them)."""
+    train = open_data(SMALL, split="train")
+    train.set_epoch(1)
+    items = train.__getitems__(list(range(len(train))))
+    counts = np.bincount([it["size_bin"] for it in items], minlength=10)
+    assert counts.min() >= 0.6 * len(train) / 10 and counts.max() <= 1.4 * len(train) / 10
+    x = torch.stack([it["image"] for it in items])
+    np.testing.assert_allclose(x.mean((0, 2, 3)).numpy(), 0.0, atol=0.08)
+    np.testing.assert_allclose(x.std((0, 2, 3)).numpy(), 1.0, atol=0.08)
 
 
 def test_boxes_inside_images_and_scaled_with_image_size(small_arrays):
