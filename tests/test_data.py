@@ -102,6 +102,8 @@ def test_render_box_is_exactly_the_pasted_ink(pyramids, size):
     a = digits_ms.render_sample(draws, glyphs[0], pyramids, size, jitter=True)
     b = digits_ms.render_sample(draws, glyphs[0], digits_ms._photos(), size, jitter=True)
     assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["box"], b["box"])
+    none = digits_ms.render_batch(np.zeros((0, len(digits_ms.DRAWS))), np.zeros((0, 8, 8)), pyramids, size, True)
+    assert none["image"].shape == (0, 3, size, size) and none["box"].shape == (0, 4)
 
 
 def test_render_glyph_is_pil_bilinear():

@@ -296,6 +296,9 @@ def _render(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, size: 
     0..255 (what the uint8 images hold), and the backgrounds (float32) or None."""
     u = np.asarray(draws, np.float64).reshape(-1, len(DRAWS))
     n = len(u)
+    if n == 0:
+        empty = np.zeros((0, 3, size, size), np.float32)
+        return torch.from_numpy(empty), np.zeros((0, 4), np.float32), (empty if with_background else None)
     glyphs = np.asarray(glyphs).reshape(n, 8, 8)
     ink = glyphs >= 1
     ink_rows, ink_cols = ink.any(2), ink.any(1)
