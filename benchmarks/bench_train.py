@@ -31,8 +31,8 @@ from erf_lab.train import train, write_json  # noqa: E402
 
 def probe_ms_per_image(arch: str, op: str, arch_kwargs: dict, data: str, out: Path, batch: int, lr: float,
                        workers="auto", n: int = 1024) -> float:
-    """Milliseconds per training image through the real pipeline (fresh digits-ms renders in the
-    default loader worker, augmentation, forward, backward, step), from the third epoch of a
+    """Milliseconds per training image through the real pipeline (fresh digits-ms renders,
+    in the training process or ``workers`` loader workers, augmentation, forward, backward, step), from the third epoch of a
     3-epoch run on ``n`` images (the first reads cached renders, the second loads the render
     sources once; validation on 32, counted at 1/3)."""
     m = train(arch, op, data, 3, out / "probe.pt", arch_kwargs=arch_kwargs, max_train_images=n, max_eval_images=32,
@@ -52,8 +52,8 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")
-    p.add_argument("--workers", nargs="+", default=["auto", "0"],
-                   help="loader worker settings to probe with each thread count (auto: one digits-ms render worker)")
+    p.add_argument("--workers", nargs="+", default=["0", "1"],
+                   help="loader worker counts to probe with each thread count (1: digits-ms renders in a worker)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -105,7 +105,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_loader_worker_renders_the_same_run(tmp_path):
-    """Fresh digits-ms renders made in a DataLoader worker (the default on 2+ cores) are seeded by
+    """Fresh digits-ms renders made in a DataLoader worker are seeded by
     (seed, epoch, item) like those made in the training process: the weights are identical."""
     assert open_data(DATA, split="train").renders_on_the_fly
     assert not open_data(DATA + ",fresh=0", split="train").renders_on_the_fly
