@@ -45,6 +45,18 @@ _HEADERS = ["deform_kernel_conv2d_impl.h", "cpu/depthwise_channels_last.h"]
 # extension itself is compiled with OpenMP; linking it resolves to the libgomp torch loaded.
 _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+
+
+def _isa_flags() -> List[str]:
+    """AVX2 + FMA code where the running torch uses AVX2 or AVX-512 kernels (the build name
+    includes these flags, so a machine without them builds its own baseline copy)."""
+    if os.environ.get("DK_OPS_BASELINE_ISA", "") not in ("", "0"):
+        return []
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch: stay with the baseline
+        return []
+    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
 _CUDA_FLAGS = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _lock = threading.Lock()
@@ -93,7 +105,7 @@ def _build_name(with_cuda: bool) -> str:
         h.update((_CSRC / rel).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
-    h.update(" ".join(_CFLAGS + _LDFLAGS + (_CUDA_FLAGS + _arch_flags() if with_cuda else [])).encode())
+    h.update(" ".join(_CFLAGS + _isa_flags() + _LDFLAGS + (_CUDA_FLAGS + _arch_flags() if with_cuda else [])).encode())
     return f"dk_ops_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
 
 
@@ -123,7 +135,7 @@ def _compile(with_cuda: bool) -> str:
     _load(
         name=name,
         sources=sources,
-        extra_cflags=list(_CFLAGS),
+        extra_cflags=list(_CFLAGS) + _isa_flags(),
         extra_ldflags=list(_LDFLAGS),
         extra_cuda_cflags=list(_CUDA_FLAGS) + _arch_flags() if with_cuda else None,
         build_directory=str(directory),
