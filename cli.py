@@ -193,11 +193,13 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
                    help="learning-rate factor of DK/DCN offset generators (default: 0.1, as DCN does)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=_int_or_auto(0), default="auto",
-                   help="loader worker processes; auto: 1 where digits-ms renders training images on the fly")
+                   help="loader worker processes (default auto: none; digits-ms renders a batch in the training process)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random shifts")
+    p.add_argument("--size-curriculum-epochs", type=int, default=0, metavar="E",
+                   help="digits-ms: large objects first, the full size range from epoch E+1 (default: 0, off)")
     p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")
     p.add_argument("--width-mult", type=float, help="model width multiplier (mobilenet_v2)")
     p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")
@@ -213,7 +215,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
             args.arch, args.op, args.data, args.epochs, args.out, seed=args.seed, device=args.device,
             resume=args.resume, lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers,
             offset_lr_mult=args.offset_lr_mult, optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-            augment=not args.no_augment, image_size=args.image_size, arch_kwargs=kwargs,
+            augment=not args.no_augment, size_curriculum_epochs=args.size_curriculum_epochs, image_size=args.image_size, arch_kwargs=kwargs,
             max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
             skip_bad=args.skip_bad, progress=not args.no_progress,
         )

@@ -59,6 +59,7 @@ from ._progress import loader_bar
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
 CHECKPOINT_VERSION = 1
 HOLDOUT_FRACTIONS = (0.8, 0.1)  # train/val of a source without splits; test is the rest
+CURRICULUM_START = 0.45  # the size curriculum's first object-size floor (fraction of the side)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -182,6 +183,17 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
+def size_floor(epoch: int, curriculum_epochs: int) -> float:
+    """The object-size floor (fraction of the side) of fresh renders at 0-based ``epoch``
+    under a size curriculum of ``curriculum_epochs`` (see :func:`train`)."""
+    from .data.digits_ms import SIZE_RANGE
+
+    if epoch < 1 or epoch > curriculum_epochs:
+        return SIZE_RANGE[0]
+    t = (epoch - 1) / curriculum_epochs
+    return math.exp((1 - t) * math.log(CURRICULUM_START) + t * math.log(SIZE_RANGE[0]))
+
+
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,6 +237,7 @@ def train(
     offset_lr_mult: float = 0.1,
     label_smoothing: float = 0.0,
     augment: bool = True,
+    size_curriculum_epochs: int = 0,
     channels_last: Union[bool, str] = "auto",
     image_size: Union[int, Sequence[int], None] = None,
     channels: int = 3,
@@ -257,6 +270,11 @@ def train(
         offset_lr_mult: learning-rate factor of the offset generators (DK, DCN).
         label_smoothing: of the cross-entropy loss.
         augment: random shifts of up to 1/16 of the image side.
+        size_curriculum_epochs: ``digits-ms`` only: for epochs ``1..E`` the fresh renders'
+            object sizes start at :data:`CURRICULUM_START` x side (large objects only) and
+            the floor falls log-linearly to the full range's 0.12 x side at epoch ``E + 1``
+            (epoch 0 reads the cached, full-range renders). Deep nets that stay at chance for
+            many epochs on small objects (MobileNetV2) learn from the start this way.
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
             on CPU for models that :func:`erf_lab._layout.channels_last_pays` allows (oneDNN's
             convolutions are faster there; CondConv stays in the default format). Results
@@ -285,6 +303,9 @@ def train(
         raise ErfLabError(f"batch size must be >= 1, got {batch_size}")
     if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
         raise ErfLabError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
+    if isinstance(size_curriculum_epochs, bool) or not isinstance(size_curriculum_epochs, int) \
+            or size_curriculum_epochs < 0:
+        raise ErfLabError(f"size_curriculum_epochs must be an integer >= 0, got {size_curriculum_epochs!r}")
     if not offset_lr_mult >= 0:
         raise ErfLabError(f"offset_lr_mult must be >= 0, got {offset_lr_mult}")
     optimizer = optimizer.lower()
@@ -298,6 +319,8 @@ def train(
                           f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another --out")
 
     base, sets = training_splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
+    if size_curriculum_epochs and not (hasattr(base, "set_size_floor") and getattr(base, "renders_on_the_fly", False)):
+        raise ErfLabError(f"a size curriculum needs fresh digits-ms renders (digits-ms with fresh=1), not {data_spec!r}")
     if num_workers == "auto":
         num_workers = 0
     h, w = base.image_size
@@ -331,7 +354,8 @@ def train(
 
     train_args = dict(optimizer=optimizer, lr=peak_lr, weight_decay=wd, batch_size=batch_size, epochs=epochs,
                       warmup_epochs=warmup_epochs, offset_lr_mult=offset_lr_mult, label_smoothing=label_smoothing,
-                      augment=augment, channels_last=bool(channels_last), seed=seed,
+                      augment=augment, size_curriculum_epochs=size_curriculum_epochs,
+                      channels_last=bool(channels_last), seed=seed,
                       max_train_images=max_train_images, max_eval_images=max_eval_images, device=str(dev))
     metrics: Dict[str, Any] = {"history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0,
                                "params": int(cx["params"]), "macs": int(cx["macs"]),
@@ -370,6 +394,8 @@ def train(
         order = torch.Generator().manual_seed(seed * 100_043 + epoch)
         if hasattr(base, "set_epoch"):
             base.set_epoch(epoch)  # fresh digits-ms renders; a no-op for other sources
+        if size_curriculum_epochs:
+            base.set_size_floor(size_floor(epoch, size_curriculum_epochs))
         loader = DataLoader(sets["train"], batch_size=batch_size, shuffle=True, generator=order,
                             num_workers=num_workers, drop_last=len(sets["train"]) > batch_size)
         model.train()

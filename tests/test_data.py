@@ -169,6 +169,24 @@ def test_philox_known_answers_and_fresh_draws():
         assert not np.isclose(other[0], d[1234]).any()
 
 
+def test_size_floor_narrows_fresh_renders_only():
+    """set_size_floor(f): fresh boxes are at least about f x side (the ink box of a glyph
+    scaled to s is within a pixel or two of s), the full range reaches well below; cached
+    train items, val and test do not change."""
+    train = open_data("digits-ms:size=64,renders=1", split="train", num_images=300)
+    cached = train[0]["image"]
+    train.set_epoch(1)
+    full = np.array([float(np.sqrt(it["box"][2] * it["box"][3])) for it in train.__getitems__(list(range(300)))])
+    train.set_size_floor(0.45)
+    big = np.array([float(np.sqrt(it["box"][2] * it["box"][3])) for it in train.__getitems__(list(range(300)))])
+    assert big.min() >= 0.45 * 64 - 3 > full.min() + 10
+    assert big.max() <= 0.84 * 64 + 2
+    train.set_epoch(0)
+    assert torch.equal(train[0]["image"], cached)  # epoch 0: the cached renders
+    with pytest.raises(ErfLabError, match="size floor"):
+        train.set_size_floor(0.05)
+
+
 def test_fresh_train_renders_per_epoch():
     train = open_data(SMALL, split="train")
     cached = [train[i] for i in range(4)]

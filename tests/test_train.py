@@ -104,6 +104,26 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert not torch.equal(c["state_dict"]["fc.weight"], b["state_dict"]["fc.weight"])
 
 
+def test_size_curriculum_schedule_and_errors(tmp_path):
+    """Epoch 0 and epochs after the curriculum use the full range; epochs 1..E fall
+    log-linearly from CURRICULUM_START; a source without fresh renders is refused."""
+    from erf_lab.data.digits_ms import SIZE_RANGE
+
+    floors = [erf_train.size_floor(e, 4) for e in range(7)]
+    assert floors[0] == floors[5] == floors[6] == SIZE_RANGE[0]
+    assert floors[1] == pytest.approx(erf_train.CURRICULUM_START)
+    ratios = [floors[e + 1] / floors[e] for e in range(1, 4)]
+    assert ratios == pytest.approx([(SIZE_RANGE[0] / erf_train.CURRICULUM_START) ** 0.25] * 3)
+    assert erf_train.size_floor(3, 0) == SIZE_RANGE[0]
+    m = train("study_net", "conv", DATA, 2, tmp_path / "c.pt", size_curriculum_epochs=3, **QUICK)
+    assert _state(tmp_path / "c.pt")["train_args"]["size_curriculum_epochs"] == 3
+    assert len(m["history"]) == 2
+    with pytest.raises(ErfLabError, match="fresh digits-ms"):
+        train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "d.pt", size_curriculum_epochs=2, **QUICK)
+    with pytest.raises(ErfLabError, match="size_curriculum_epochs"):
+        train("study_net", "conv", DATA, 1, tmp_path / "e.pt", size_curriculum_epochs=-1, **QUICK)
+
+
 def test_loader_worker_renders_the_same_run(tmp_path):
     """Fresh digits-ms renders made in a DataLoader worker are seeded by
     (seed, epoch, item) like those made in the training process: the weights are identical."""

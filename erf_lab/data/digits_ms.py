@@ -38,6 +38,9 @@ the same in any batch, order or DataLoader worker; a DataLoader batch is rendere
 (:func:`render_batch`). Epoch 0 (and any use that never calls ``set_epoch``) reads the cached
 renders.
 
+:meth:`DigitsMS.set_size_floor` narrows the object sizes of fresh renders to the larger ones
+(a training curriculum; the cached splits keep the full range).
+
 Spec options: ``digits-ms:SIZE`` or ``digits-ms:size=64,seed=0,renders=4,jitter=1,fresh=1``.
 """
 import functools
@@ -269,7 +272,7 @@ def _uniform_int(u: float, n: int) -> int:
 
 
 def render_batch(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, size: int, jitter: bool,
-                 with_background: bool = False) -> Dict[str, np.ndarray]:
+                 with_background: bool = False, size_range: Tuple[float, float] = SIZE_RANGE) -> Dict[str, np.ndarray]:
     """Samples from their random draws, as specified in the module docstring.
 
     Args:
@@ -278,12 +281,13 @@ def render_batch(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, s
             element-wise or per-sample array operations), never on the rest of the batch.
         glyphs (numpy.ndarray[B, 8, 8]): the digits (values 0..16).
         photos (PhotoPyramids): the background photographs.
+        size_range: object sizes as fractions of ``size`` (log-uniform between them).
 
     Returns:
         ``{"image": uint8[B, 3, size, size], "box": float32[B, 4]}`` (channels first; box
         ``[x, y, w, h]``), plus ``"background"`` (uint8[B, 3, size, size]) with ``with_background``.
     """
-    image, boxes, background = _render(draws, glyphs, photos, size, jitter, with_background)
+    image, boxes, background = _render(draws, glyphs, photos, size, jitter, with_background, size_range)
     out = {"image": image.numpy().astype(np.uint8), "box": boxes}
     if background is not None:
         out["background"] = background.astype(np.uint8)
@@ -291,7 +295,8 @@ def render_batch(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, s
 
 
 def _render(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, size: int, jitter: bool,
-            with_background: bool = False) -> Tuple[Tensor, np.ndarray, Optional[np.ndarray]]:
+            with_background: bool = False, size_range: Tuple[float, float] = SIZE_RANGE,
+            ) -> Tuple[Tensor, np.ndarray, Optional[np.ndarray]]:
     """:func:`render_batch` with images as ``FloatTensor[B, 3, size, size]`` of whole numbers
     0..255 (what the uint8 images hold), and the backgrounds (float32) or None."""
     u = np.asarray(draws, np.float64).reshape(-1, len(DRAWS))
@@ -306,7 +311,7 @@ def _render(draws: np.ndarray, glyphs: np.ndarray, photos: PhotoPyramids, size: 
     ink_w = (8 - ink_cols.argmax(1) - ink_cols[:, ::-1].argmax(1)).tolist()
     photo, y0, x0, crop = (np.empty(n, np.int64) for _ in range(4))
     sides = []
-    lo_size, hi_size = math.log(SIZE_RANGE[0] * size), math.log(SIZE_RANGE[1] * size)
+    lo_size, hi_size = math.log(size_range[0] * size), math.log(size_range[1] * size)
     for b, ub in enumerate(u.tolist()):  # scalar maths per sample: never a function of the batch
         # background crop: side log-uniform in [size, photo height]
         p = _uniform_int(ub[_D["photo"]], len(photos))
@@ -433,6 +438,7 @@ class DigitsMS(SampleDataset):
         opts = _options(options, spec)
         self._opts = opts
         self.epoch = 0
+        self.size_range = SIZE_RANGE
         self._render_src: Optional[Tuple[np.ndarray, PhotoPyramids]] = None
         arrays = load_arrays(**{k: v for k, v in opts.items() if k != "fresh"})
         names = ["train", "val", "test"] if split == "all" else [split]
@@ -473,6 +479,15 @@ class DigitsMS(SampleDataset):
         self.epoch = int(epoch)
         if self.epoch > 0 and self.renders_on_the_fly:
             self._sources()  # here, so that DataLoader workers forked after this inherit them
+
+    def set_size_floor(self, fraction: float) -> None:
+        """Fresh train renders draw object sizes from ``[fraction, 0.84] x`` side (log-uniform)
+        instead of the full ``[0.12, 0.84]``: a curriculum that starts with large objects
+        (:func:`erf_lab.train.train`'s ``size_curriculum_epochs``). Cached renders, val and
+        test never change."""
+        if not SIZE_RANGE[0] <= fraction <= SIZE_RANGE[1]:
+            raise ErfLabError(f"size floor must be within {SIZE_RANGE}, got {fraction}")
+        self.size_range = (float(fraction), SIZE_RANGE[1])
 
     def _sources(self) -> Tuple[np.ndarray, PhotoPyramids]:
         """The glyphs and photographs fresh renders are made from (loaded once, ~1 s)."""
@@ -534,7 +549,7 @@ class DigitsMS(SampleDataset):
             jf = j[fresh]
             draws = fresh_draws(self._opts["seed"], self.epoch, jf) if draws is None else draws[fresh]
             rendered, boxes[fresh], _ = _render(draws, glyph_images[self._all_glyphs[jf]], photos, size,
-                                                bool(self._opts["jitter"]))
+                                                bool(self._opts["jitter"]), size_range=self.size_range)
         if fresh.all():
             images = rendered
         else:
