@@ -4,9 +4,11 @@ For each shape, forward and forward+backward (gradients of input, weight and eve
 offset) of:
 
 * DK (local kernel offsets), DK+DCN (kernel and image offsets), DCN (scope = kernel,
-  image offsets), each through the native op (``torch.ops.dk_ops``);
+  image offsets), each through the native op (``torch.ops.dk_ops``); for depthwise shapes
+  also with channels-last tensors (what a channels-last model passes; own CPU kernels);
 * the same three through the pure-PyTorch reference path (``--no-reference`` skips);
-* ``F.conv2d`` with the k x k kernel (same groups; cuDNN on GPU) and with the full
+* ``F.conv2d`` with the k x k kernel (same groups; cuDNN on GPU; depthwise also channels-last)
+  and with the full
   S x S scope kernel (the dense convolution DK's general-groups GEMM competes with);
 * ``torchvision.ops.deform_conv2d`` for DCN, when torchvision is importable.
 
@@ -160,6 +162,11 @@ def dk_call(impl: str, k=3, pad=1):
     return native if impl == "native" else reference
 
 
+def channels_last(t):
+    """4-D activations and offsets in channels-last format (a depthwise weight is both formats)."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 def w_groups(x, w):
     return x.shape[1] // w.shape[1]
 
@@ -169,6 +176,7 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
     n, c_in, c_out, h, w, groups = shape
     k, S = 3, 4
     variants = {"dk": "DK", "dk+dcn": "DK+DCN", "dcn": "DCN"}
+    depthwise = groups == c_in == c_out
     for variant, vlabel in variants.items():
         x, weight, dk, off = make_inputs(shape, device, dtype, variant)
         tensors = [t for t in (x, weight, dk, off) if t is not None]
@@ -197,12 +205,19 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
                 rows.append({"method": label, "error": str(exc).splitlines()[0][:200]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if depthwise:  # what a channels-last model hands the op (its own CPU kernels)
+            rows.append(bench_case(f"{vlabel} native, channels-last", split(dk_call("native")),
+                                   [channels_last(t) for t in tensors], device, args.warmup, args.repeat))
     # Baselines.
     x, weight, _, off = make_inputs(shape, device, dtype, "dcn")
     wk = weight  # k x k
     rows.append(bench_case(f"F.conv2d {k}x{k} (groups={groups})",
                            lambda a, b: F.conv2d(a, b, padding=1, groups=groups), [x, wk], device, args.warmup,
                            args.repeat))
+    if depthwise:
+        rows.append(bench_case(f"F.conv2d {k}x{k} (groups={groups}), channels-last",
+                               lambda a, b: F.conv2d(a, b, padding=1, groups=groups),
+                               [channels_last(x), channels_last(wk)], device, args.warmup, args.repeat))
     ws = (torch.randn(c_out, c_in // groups, S, S, generator=torch.Generator().manual_seed(1)) * 0.1).to(device,
                                                                                                          dtype)
     rows.append(bench_case(f"F.conv2d scope {S}x{S} (groups={groups})",
@@ -266,6 +281,11 @@ def to_markdown(rows: List[Dict], meta: Dict) -> str:
         if nat and scope:
             notes.append(f"DK native / conv2d with the scope kernel: {nat['fwd_s'] / scope['fwd_s']:.1f}x (fwd), "
                          f"{nat['fwdbwd_s'] / scope['fwdbwd_s']:.1f}x (fwd+bwd)")
+        nat_cl = by.get("DK native, channels-last")
+        conv_cl = next((r for m, r in by.items() if m.startswith("F.conv2d 3x3") and m.endswith("channels-last")), None)
+        if nat_cl and conv_cl:
+            notes.append(f"channels-last: DK native / conv2d 3x3: {nat_cl['fwd_s'] / conv_cl['fwd_s']:.1f}x (fwd), "
+                         f"{nat_cl['fwdbwd_s'] / conv_cl['fwdbwd_s']:.1f}x (fwd+bwd)")
         tv, dcn = by.get("torchvision deform_conv2d (DCN)"), by.get("DCN native")
         if tv and dcn:
             notes.append(f"DCN native vs torchvision deform_conv2d: {tv['fwd_s'] / dcn['fwd_s']:.1f}x faster fwd, "

@@ -49,9 +49,8 @@ def main() -> int:
     p.add_argument("--mobilenet-budget-s", type=float, default=600.0)
     p.add_argument("--mobilenet-ops", nargs="+", default=["conv"])
     p.add_argument("--skip-mobilenet", action="store_true")
-    p.add_argument("--size-curriculum-epochs", type=int, default=0, help="study nets' size curriculum (train())")
-    p.add_argument("--mobilenet-size-curriculum-epochs", type=int, default=6,
-                   help="MobileNetV2's size curriculum: without one it stays at chance for 6-33 epochs")
+    p.add_argument("--size-curriculum-epochs", default="auto",
+                   help="train()'s size_curriculum_epochs (auto: a sixth of the epochs, at most 6; 0: off)")
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")
@@ -65,12 +64,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     n_train = len(open_data(args.data, split="train"))
     n_val = len(open_data(args.data, split="val"))
-    runs = [("study_net", op, {}, args.budget_s, args.size_curriculum_epochs) for op in args.ops]
+    curriculum = args.size_curriculum_epochs if args.size_curriculum_epochs == "auto" else int(args.size_curriculum_epochs)
+    runs = [("study_net", op, {}, args.budget_s) for op in args.ops]
     if not args.skip_mobilenet:
-        runs += [("mobilenet_v2", op, {"width_mult": 0.5}, args.mobilenet_budget_s,
-                  args.mobilenet_size_curriculum_epochs) for op in args.mobilenet_ops]
+        runs += [("mobilenet_v2", op, {"width_mult": 0.5}, args.mobilenet_budget_s) for op in args.mobilenet_ops]
     results = []
-    for arch, op, kw, budget, curriculum in runs:
+    for arch, op, kw, budget in runs:
         probes = {}
         for t in args.threads:
             torch.set_num_threads(t)
@@ -98,7 +97,9 @@ def main() -> int:
                "best_val_acc": m["best_val_acc"], "train_seconds": m["train_seconds"], "params": m["params"],
                "macs": m["macs"], "load_avg_1min_at_start": load, "threads": threads, "workers": workers,
                "probe_ms_per_image_by_threads_workers": {f"{t}x{w}": v for (t, w), v in probes.items()},
-               "batch_size": args.batch_size, "lr": args.lr, "size_curriculum_epochs": curriculum}
+               "batch_size": args.batch_size, "lr": args.lr,
+               "size_curriculum_epochs": torch.load(out / f"{name}.pt", weights_only=True)["train_args"][
+                   "size_curriculum_epochs"]}
         results.append(row)
         print(json.dumps(row), flush=True)
         write_json({"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()},

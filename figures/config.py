@@ -75,11 +75,11 @@ class FiguresConfig:
 
 _PRESETS: Dict[str, Dict[str, Any]] = {
     # <= 15 minutes on 2 CPU cores from a fresh install: the default study net at 64x64 (the
-    # data's own size), the whole training split (fresh renders every epoch), 5 epochs. The
+    # data's own size), the whole training split (fresh renders every epoch), 10 epochs. The
     # models are trained part of the way (see RESULTS.md for their accuracy), so the figures
     # show the pipeline on real but unconverged models; --full trains them to convergence.
     "quick": dict(arch_kwargs={}, image_size=None, seeds=(0,),
-                  epochs=5, max_train_images=None, max_eval_images=300, erf_images=24, instance_per_bin=2,
+                  epochs=10, max_train_images=None, max_eval_images=300, erf_images=24, instance_per_bin=2,
                   tsne_samples=300, tsne_iter=500, offset_images=100, latency_repeats=10,
                   theory_depths=(1, 2, 4, 8, 16, 32)),
     # the default study net on the whole training split, three seeds.

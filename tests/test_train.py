@@ -115,8 +115,11 @@ def test_size_curriculum_schedule_and_errors(tmp_path):
     ratios = [floors[e + 1] / floors[e] for e in range(1, 4)]
     assert ratios == pytest.approx([(SIZE_RANGE[0] / erf_train.CURRICULUM_START) ** 0.25] * 3)
     assert erf_train.size_floor(3, 0) == SIZE_RANGE[0]
+    assert [erf_train.auto_curriculum_epochs(e) for e in (1, 2, 5, 10, 24, 47, 100)] == [0, 0, 1, 2, 4, 6, 6]
     m = train("study_net", "conv", DATA, 2, tmp_path / "c.pt", size_curriculum_epochs=3, **QUICK)
     assert _state(tmp_path / "c.pt")["train_args"]["size_curriculum_epochs"] == 3
+    train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "f.pt", **QUICK)  # auto: off without fresh renders
+    assert _state(tmp_path / "f.pt")["train_args"]["size_curriculum_epochs"] == 0
     assert len(m["history"]) == 2
     with pytest.raises(ErfLabError, match="fresh digits-ms"):
         train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "d.pt", size_curriculum_epochs=2, **QUICK)
