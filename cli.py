@@ -200,7 +200,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--no-augment", action="store_true", help="no random shifts")
     p.add_argument("--size-curriculum-epochs", type=_int_or_auto(0), default="auto", metavar="E",
                    help="digits-ms: large objects first, the full size range from epoch E+1 "
-                        "(default auto: a sixth of the epochs, at most 6; 0: off)")
+                        "(default auto: a sixth of the epochs, at most 6, for mobilenet_v2; 0: off)")
     p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")
     p.add_argument("--width-mult", type=float, help="model width multiplier (mobilenet_v2)")
     p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")

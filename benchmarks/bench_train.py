@@ -53,7 +53,8 @@ def main() -> int:
     p.add_argument("--mobilenet-ops", nargs="+", default=["conv"])
     p.add_argument("--skip-mobilenet", action="store_true")
     p.add_argument("--size-curriculum-epochs", default="auto",
-                   help="train()'s size_curriculum_epochs (auto: a sixth of the epochs, at most 6; 0: off)")
+                   help="train()'s size_curriculum_epochs (auto: a sixth of the epochs, at most 6, for "
+                        "MobileNetV2; 0: off)")
     p.add_argument("--max-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to probe; each run uses the fastest (on a busy machine 1 can win)")

@@ -279,9 +279,11 @@ def train(
             sizes start at :data:`CURRICULUM_START` x side (large objects only) and the floor
             falls log-linearly to the full range's 0.12 x side at epoch ``E + 1`` (epoch 0
             reads the cached, full-range renders; val and test are never changed). ``"auto"``:
-            a sixth of the run, at most 6 epochs, on data that renders on the fly (fresh
+            a sixth of the run, at most 6 epochs, for models that set
+            ``prefers_size_curriculum`` (MobileNetV2) on data that renders on the fly (fresh
             ``digits-ms``), else 0. Without it MobileNetV2 sat at chance for 6-33 epochs (small
-            objects on textured backgrounds); with it every model learns from the start.
+            objects on textured backgrounds); the study nets leave chance within two epochs and
+            did 1-2 points worse with it in 3-minute runs.
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
             on CPU for models that :func:`erf_lab._layout.channels_last_pays` allows (oneDNN's
             convolutions are faster there; CondConv stays in the default format). Results
@@ -326,11 +328,6 @@ def train(
                           f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another --out")
 
     base, sets = training_splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
-    can_curriculum = hasattr(base, "set_size_floor") and getattr(base, "renders_on_the_fly", False)
-    if size_curriculum_epochs == "auto":
-        size_curriculum_epochs = auto_curriculum_epochs(epochs) if can_curriculum else 0
-    if size_curriculum_epochs and not can_curriculum:
-        raise ErfLabError(f"a size curriculum needs fresh digits-ms renders (digits-ms with fresh=1), not {data_spec!r}")
     if num_workers == "auto":
         num_workers = 0
     h, w = base.image_size
@@ -340,6 +337,12 @@ def train(
         kwargs.setdefault("in_chans", channels)
     model = models.create(arch, op=op, num_classes=base.num_classes, **kwargs)
     full_kwargs = dict(getattr(model, "arch_kwargs", dict(op=op, num_classes=base.num_classes, **kwargs)))
+    can_curriculum = hasattr(base, "set_size_floor") and getattr(base, "renders_on_the_fly", False)
+    if size_curriculum_epochs == "auto":
+        wants = getattr(model, "prefers_size_curriculum", False)
+        size_curriculum_epochs = auto_curriculum_epochs(epochs) if can_curriculum and wants else 0
+    if size_curriculum_epochs and not can_curriculum:
+        raise ErfLabError(f"a size curriculum needs fresh digits-ms renders (digits-ms with fresh=1), not {data_spec!r}")
     cx = models.complexity(model, input_size=(channels, h, w))
     model.to(dev)
     channels_last = resolve_channels_last(channels_last, model, dev)

@@ -118,8 +118,9 @@ def test_size_curriculum_schedule_and_errors(tmp_path):
     assert [erf_train.auto_curriculum_epochs(e) for e in (1, 2, 5, 10, 24, 47, 100)] == [0, 0, 1, 2, 4, 6, 6]
     m = train("study_net", "conv", DATA, 2, tmp_path / "c.pt", size_curriculum_epochs=3, **QUICK)
     assert _state(tmp_path / "c.pt")["train_args"]["size_curriculum_epochs"] == 3
-    train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "f.pt", **QUICK)  # auto: off without fresh renders
-    assert _state(tmp_path / "f.pt")["train_args"]["size_curriculum_epochs"] == 0
+    train("study_net", "conv", DATA, 12, tmp_path / "f.pt", **dict(QUICK, max_train_images=16, max_eval_images=8))
+    assert _state(tmp_path / "f.pt")["train_args"]["size_curriculum_epochs"] == 0  # auto: only for nets that ask
+    assert models.create("mobilenet_v2", num_classes=10).prefers_size_curriculum
     assert len(m["history"]) == 2
     with pytest.raises(ErfLabError, match="fresh digits-ms"):
         train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "d.pt", size_curriculum_epochs=2, **QUICK)
