@@ -176,9 +176,9 @@ def test_size_floor_narrows_fresh_renders_only():
     train = open_data("digits-ms:size=64,renders=1", split="train", num_images=300)
     cached = train[0]["image"]
     train.set_epoch(1)
-    full = np.array([float(np.sqrt(it["box"][2] * it["box"][3])) for it in train.__getitems__(list(range(300)))])
+    full = np.array([float((it["box"][2] * it["box"][3]).sqrt()) for it in train.__getitems__(list(range(300)))])
     train.set_size_floor(0.45)
-    big = np.array([float(np.sqrt(it["box"][2] * it["box"][3])) for it in train.__getitems__(list(range(300)))])
+    big = np.array([float((it["box"][2] * it["box"][3]).sqrt()) for it in train.__getitems__(list(range(300)))])
     assert big.min() >= 0.45 * 64 - 3 > full.min() + 10
     assert big.max() <= 0.84 * 64 + 2
     train.set_epoch(0)
