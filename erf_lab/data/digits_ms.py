@@ -469,8 +469,8 @@ class DigitsMS(SampleDataset):
 
     @property
     def renders_on_the_fly(self) -> bool:
-        """True when training items are rendered per epoch (``fresh=1`` with a train part):
-        CPU work that a DataLoader worker can do beside the training step."""
+        """True when training items are rendered per epoch (``fresh=1`` with a train part),
+        which :meth:`set_size_floor` (the training curriculum) needs."""
         return bool(self._opts["fresh"]) and self._train_part is not None
 
     def set_epoch(self, epoch: int) -> None:

@@ -333,16 +333,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "dk_ops: grad has shape ", grad.sizes(), ", expected (", p.N, ", ", p.Co, ", ", p.Ho, ", ", p.Wo, ")");
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   if (channels_last_depthwise(input, p)) {
-    std::array<at::Tensor, 6> r;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_kernel_conv2d_backward_cpu_cl", [&] {
       const at::Tensor g = grad.to(input.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
-      r = detail::dw_channels_last_backward<scalar_t>(g, to_channels_last(input), weight, raw(kernel_offset),
-                                                      raw(offset), raw(mask), p, output_mask);
+      out = detail::dw_channels_last_backward<scalar_t>(g, to_channels_last(input), weight, raw(kernel_offset),
+                                                        raw(offset), raw(mask), p, output_mask);
     });
-    for (auto& t : r) {
-      if (!t.defined()) t = at::empty({0}, input.options());
-    }
-    out = std::make_tuple(r[0], r[1], r[2], r[3], r[4], r[5]);
     return detail::grads_in_formats(out, input, weight, kernel_offset, offset, mask);
   }
   at::Tensor g = grad.contiguous(), x = input.contiguous(), w = weight.contiguous();

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -142,10 +143,10 @@ at::Tensor dw_channels_last_forward(const at::Tensor& x, const at::Tensor& w, co
 }
 
 // Gradients of (input, weight, kernel_offset, offset, mask, bias); g is channels-last.
-// The input gradient is channels-last; the offset and mask gradients have their
-// arguments' strides; entries not needed are undefined.
+// The input gradient is channels-last, the offset and mask gradients in their arguments'
+// formats; an entry not needed is an empty tensor, as backward_impl returns it.
 template <typename T>
-std::array<at::Tensor, 6> dw_channels_last_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_channels_last_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                     const at::Tensor& dk, const at::Tensor& off,
                                                     const at::Tensor& mask, const Params& p,
                                                     std::array<bool, 6> need) {
@@ -290,7 +291,10 @@ std::array<at::Tensor, 6> dw_channels_last_backward(const at::Tensor& g, const a
   } else if (need_w) {
     out[1] = at::zeros({p.C, 1, p.Sh, p.Sw}, x.options());
   }
-  return out;
+  for (auto& t : out) {
+    if (!t.defined()) t = at::empty({0}, x.options());
+  }
+  return std::make_tuple(out[0], out[1], out[2], out[3], out[4], out[5]);
 }
 
 }  // namespace detail
