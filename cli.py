@@ -183,7 +183,10 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--op", default="conv", choices=["conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn"])
     p.add_argument("--data", default="digits-ms", metavar="SPEC",
                    help="digits-ms[:OPTIONS], DIR, coco:ANN.json:IMGDIR (needs labels; default: digits-ms)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, help="epochs to train (default 10; with --time-budget, a cap: default 1000)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train for this much wall time (training, validation, checkpoints): the schedule "
+                        "runs over the budget and training stops when it is spent")
     p.add_argument("--out", default="results/train/checkpoint.pt", metavar="CKPT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: cpu)")
@@ -201,6 +204,9 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--size-curriculum-epochs", type=_int_or_auto(0), default="auto", metavar="E",
                    help="digits-ms: large objects first, the full size range from epoch E+1 "
                         "(default auto: a sixth of the epochs, at most 6, for mobilenet_v2; 0: off)")
+    p.add_argument("--progressive-resize", default="auto", metavar="auto|off|UNTIL:SCALE,...",
+                   help="train on downscaled images early on: e.g. 0.3:0.5,0.6:0.75 (half size for the first "
+                        "30%% of the run, 3/4 until 60%%; default auto: that, for study_net)")
     p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")
     p.add_argument("--width-mult", type=float, help="model width multiplier (mobilenet_v2)")
     p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")
@@ -212,8 +218,10 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
         from erf_lab.train import companion_paths, train
 
         kwargs = {} if args.width_mult is None else {"width_mult": args.width_mult}
+        epochs = args.epochs if args.epochs is not None else (10 if args.time_budget is None else 1000)
         m = train(
-            args.arch, args.op, args.data, args.epochs, args.out, seed=args.seed, device=args.device,
+            args.arch, args.op, args.data, epochs, args.out, seed=args.seed, device=args.device,
+            time_budget_s=args.time_budget, progressive_resize=args.progressive_resize,
             resume=args.resume, lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers,
             offset_lr_mult=args.offset_lr_mult, optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
             augment=not args.no_augment, size_curriculum_epochs=args.size_curriculum_epochs, image_size=args.image_size, arch_kwargs=kwargs,

@@ -193,7 +193,7 @@ def test_dk_training_keeps_kernel_offsets_inside_the_scope(mult, inside, tmp_pat
     factor keeps them near the scope (its taps sit at 0.5..2.5, so |offset| < 2.5 inside)."""
     out = tmp_path / "ck.pt"
     train("study_net", "dk", DATA, 1, out, seed=0, lr=6e-3, offset_lr_mult=mult, warmup_epochs=0.0,
-          **dict(QUICK, arch_kwargs={}, max_train_images=320))
+          progressive_resize="off", **dict(QUICK, arch_kwargs={}, max_train_images=320))
     ck = _state(companion_paths(out)["last"])
     model = models.create("study_net", **ck["arch_kwargs"]).eval()
     model.load_state_dict(ck["state_dict"])
@@ -272,3 +272,60 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert cli.main([a if a != "1" else "2" for a in args] + ["--resume"]) == 0
     ck = _state(out.with_name("cli.last.pt"))
     assert ck["epoch"] == 2 and len(ck["metrics"]["history"]) == 2 and ck["arch_kwargs"]["op"] == "condconv"
+
+
+def test_resize_schedule_and_training_resolution():
+    """Parsing and the step function, checked against the documented schedule by hand."""
+    steps = erf_train.resize_schedule("0.3:0.5,0.6:0.75")
+    assert steps == ((0.3, 0.5), (0.6, 0.75)) == erf_train.resize_schedule([[0.3, 0.5], [0.6, 0.75]])
+    assert erf_train.resize_schedule("auto", models.create("study_net", num_classes=10)) == erf_train.PROGRESSIVE_RESIZE
+    assert erf_train.resize_schedule("auto", models.create("mobilenet_v2", num_classes=10)) == ()
+    assert erf_train.resize_schedule("off") == erf_train.resize_schedule(None) == ()
+    for bad in ("0.6:0.5,0.3:0.75", "0.3:0.5,0.3:0.75", "1.5:0.5", "0.5:0", "0.5", "x:y", [[0.5]]):
+        with pytest.raises(ErfLabError, match="progressive resize"):
+            erf_train.resize_schedule(bad)
+    res = [erf_train.train_resolution(p, steps, (64, 64)) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)]
+    assert res == [(32, 32), (32, 32), (48, 48), (48, 48), (64, 64), (64, 64)]
+    # sides round to multiples of 8 px (60 * 0.5 = 30 -> 32; 44 * 0.75 = 33 -> 32), at least 8
+    assert erf_train.train_resolution(0.0, ((1.0, 0.5),), (60, 44)) == (32, 24)
+    assert erf_train.train_resolution(0.4, steps, (60, 44)) == (48, 32)
+    assert erf_train.train_resolution(0.0, ((1.0, 0.1),), (32, 32)) == (8, 8)
+
+
+def test_progressive_resize_feeds_smaller_batches_early(tmp_path, monkeypatch):
+    """The model sees training batches at the scheduled sizes (epoch e of E at progress e/E)
+    and validates at full size; the schedule is recorded in the checkpoint."""
+    seen = []
+    create = models.create
+
+    def create_and_watch(*args, **kwargs):
+        model = create(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inp: seen.append((m.training, tuple(inp[0].shape[-2:]))))
+        return model
+
+    monkeypatch.setattr(models, "create", create_and_watch)
+    train("study_net", "conv", DATA, 4, tmp_path / "r.pt", progressive_resize=[[0.25, 0.5], [0.5, 0.75]], **QUICK)
+    train_sizes = [size for training, size in seen if training]
+    assert train_sizes == [(16, 16)] * 4 + [(24, 24)] * 4 + [(32, 32)] * 8  # 64 images in batches of 16
+    assert {size for training, size in seen if not training} == {(32, 32)}
+    assert _state(tmp_path / "r.pt")["train_args"]["progressive_resize"] == [[0.25, 0.5], [0.5, 0.75]]
+    seen.clear()
+    train("study_net", "conv", DATA, 2, tmp_path / "o.pt", progressive_resize="off", **QUICK)
+    assert {size for _, size in seen} == {(32, 32)}
+
+
+def test_time_budget_stops_the_run_and_anneals_the_rate(tmp_path):
+    """With a time budget the epoch count is a cap: the run stops (mid-epoch if need be)
+    within the budget, the cosine schedule has run over it, and the files are complete."""
+    budget = 4.0
+    m = train("study_net", "conv", DATA, 1000, tmp_path / "t.pt", time_budget_s=budget, lr=1e-2, **QUICK)
+    assert 1 < len(m["history"]) < 1000 and m.get("stopped_by_time_budget")
+    assert m["train_seconds"] <= 1.1 * budget  # stops on time, give or take a step on a busy machine
+    # lr = peak * (1 + cos(pi * spent / budget)) / 2 after the warm-up: falling, past half the budget at the end
+    lrs = [h["lr"] for h in m["history"]]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * 1e-2
+    assert sum(h["train_images"] for h in m["history"][:-1]) == 64 * (len(m["history"]) - 1)
+    ck = _state(tmp_path / "t.pt")
+    assert ck["train_args"]["time_budget_s"] == budget and ck["metrics"]["test_acc"] == m["test_acc"]
+    with pytest.raises(ErfLabError, match="time budget"):
+        train("study_net", "conv", DATA, 1, tmp_path / "u.pt", time_budget_s=0, **QUICK)

@@ -47,6 +47,10 @@ class StudyNet(nn.Module):
     ``op_from_stage=0`` puts the op everywhere.
     """
 
+    # erf_lab.train's progressive resizing by default (small images early in the run): fully
+    # convolutional with global pooling, so any input size works; more epochs fit in a budget.
+    prefers_progressive_resize = True
+
     def __init__(
         self,
         op: str = "conv",
