@@ -46,6 +46,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ---- section: erf / rf / layers (erf_lab ERF engine) ---------------------------------------
+def _float_or_auto(text: str) -> Union[float, str]:
+    """argparse type: ``auto`` or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
+    return value
+
+
 def _int_or_auto(minimum: int) -> Callable[[str], Union[int, str]]:
     """An argparse type: an integer >= ``minimum`` or ``auto``."""
 
@@ -192,8 +205,9 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue from CKPT's .last.pt up to --epochs")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-3 AdamW, 0.1 SGD)")
-    p.add_argument("--offset-lr-mult", type=float, default=0.1,
-                   help="learning-rate factor of DK/DCN offset generators (default: 0.1, as DCN does)")
+    p.add_argument("--offset-lr-mult", type=_float_or_auto, default="auto",
+                   help="learning-rate factor of DK/DCN offset generators (default auto: 0.1 for DK kernel "
+                        "offsets, 0.03 for DCN sampling offsets)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=_int_or_auto(0), default="auto",
                    help="loader worker processes (default auto: none; digits-ms renders a batch in the training process)")

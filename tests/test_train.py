@@ -167,22 +167,35 @@ def test_channels_last_training_matches_the_default_format(op, tmp_path):
         train("study_net", "conv", DATA, 1, tmp_path / "e.pt", channels_last="yes", **kw)
 
 
-@pytest.mark.parametrize("op", ["dk", "dcn"])
-def test_offset_generators_learn_at_a_tenth_of_the_rate(op, tmp_path):
-    train("study_net", op, DATA, 1, tmp_path / "ck.pt", seed=0, lr=1e-3, **QUICK)
+@pytest.mark.parametrize("op, mult, expected", [
+    ("dk", "auto", {"kernel_offset_generator": 0.1}),
+    ("dcn", "auto", {"offset_generator": 0.03}),
+    ("dk_dcn", "auto", {"kernel_offset_generator": 0.1, "offset_generator": 0.03}),
+    ("dk_dcn", 0.2, {"kernel_offset_generator": 0.2, "offset_generator": 0.2}),
+])
+def test_offset_generators_learn_at_a_fraction_of_the_rate(op, mult, expected, tmp_path):
+    """Every parameter sits in the group of its kind's rate (DK kernel offsets 0.1x, DCN
+    sampling offsets 0.03x by default), counted through the optimizer state's shapes."""
+    train("study_net", op, DATA, 1, tmp_path / "ck.pt", seed=0, lr=1e-3, offset_lr_mult=mult, **QUICK)
     opt = _state(tmp_path / "ck.last.pt")["optimizer"]
     model = models.create("study_net", op=op, num_classes=10, **TINY)
-    params = dict(model.named_parameters())
-    offsets = {n for n in params if "offset_generator" in n}
-    assert offsets
+
+    def kind(name):
+        return "kernel_offset_generator" if "kernel_offset_generator" in name else (
+            "offset_generator" if "offset_generator" in name else None)
+
+    want = {}
+    for n, p in model.named_parameters():
+        lr = round(1e-3 * expected.get(kind(n), 1.0), 12)
+        want[lr] = want.get(lr, 0) + p.numel()
+    assert len(want) == len(set(expected.values())) + 1
     # optimizer state indexes parameters in group order; their moments have the parameters' shapes
     numel = {}
     for group in opt["param_groups"]:
         for i in group["params"]:
             lr = round(group["initial_lr"], 12)
             numel[lr] = numel.get(lr, 0) + opt["state"][i]["exp_avg"].numel()
-    assert numel == {1e-4: sum(params[n].numel() for n in offsets),
-                     1e-3: sum(p.numel() for n, p in params.items() if n not in offsets)}
+    assert numel == want
 
 
 @pytest.mark.parametrize("mult, inside", [(0.1, True), (1.0, False)])
@@ -254,6 +267,9 @@ def test_errors(tmp_path):
         train("resnet9000", "conv", DATA, 1, tmp_path / "a.pt", **QUICK)
     with pytest.raises(ErfLabError, match="epochs"):
         train("study_net", "conv", DATA, 0, tmp_path / "a.pt", **QUICK)
+    for bad in ("fast", -0.1, True):
+        with pytest.raises(ErfLabError, match="offset_lr_mult"):
+            train("study_net", "conv", DATA, 1, tmp_path / "a.pt", offset_lr_mult=bad, **QUICK)
     train("study_net", "conv", DATA, 1, tmp_path / "b.pt", **QUICK)
     with pytest.raises(ErfLabError, match="was trained as study_net/conv"):
         train("study_net", "dk", DATA, 2, tmp_path / "b.pt", resume=True, **QUICK)
