@@ -46,31 +46,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # ---- section: erf / rf / layers (erf_lab ERF engine) ---------------------------------------
-def _float_or_auto(text: str) -> Union[float, str]:
-    """argparse type: ``auto`` or a number >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
-    return value
+def _or_auto(minimum: int, number: type = int) -> Callable[[str], Union[int, float, str]]:
+    """An argparse type: ``auto`` or a ``number`` (int or float) >= ``minimum``."""
+    noun = "an integer" if number is int else "a number"
 
-
-def _int_or_auto(minimum: int) -> Callable[[str], Union[int, str]]:
-    """An argparse type: an integer >= ``minimum`` or ``auto``."""
-
-    def parse(text: str) -> Union[int, str]:
+    def parse(text: str) -> Union[int, float, str]:
         if text == "auto":
             return text
         try:
-            value = int(text)
+            value = number(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum} or 'auto', got {text!r}")
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {minimum} or 'auto', got {text!r}")
         return value
 
     return parse
@@ -96,7 +84,7 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--sampling", default="random", choices=["random", "stratified"])
-    p.add_argument("--batch-size", type=_int_or_auto(1), default="auto",
+    p.add_argument("--batch-size", type=_or_auto(1), default="auto",
                    help="images per backward pass; auto: about 400k pixels of the computed crop on CPU, 32 on GPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -205,17 +193,17 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue from CKPT's .last.pt up to --epochs")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-3 AdamW, 0.1 SGD)")
-    p.add_argument("--offset-lr-mult", type=_float_or_auto, default="auto",
+    p.add_argument("--offset-lr-mult", type=_or_auto(0, float), default="auto",
                    help="learning-rate factor of DK/DCN offset generators (default auto: 0.1 for DK kernel "
                         "offsets, 0.03 for DCN sampling offsets)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=_int_or_auto(0), default="auto",
+    p.add_argument("--num-workers", type=_or_auto(0), default="auto",
                    help="loader worker processes (default auto: none; digits-ms renders a batch in the training process)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random shifts")
-    p.add_argument("--size-curriculum-epochs", type=_int_or_auto(0), default="auto", metavar="E",
+    p.add_argument("--size-curriculum-epochs", type=_or_auto(0), default="auto", metavar="E",
                    help="digits-ms: large objects first, the full size range from epoch E+1 "
                         "(default auto: a sixth of the epochs, at most 6, for mobilenet_v2; 0: off)")
     p.add_argument("--progressive-resize", default="auto", metavar="auto|off|UNTIL:SCALE,...",
