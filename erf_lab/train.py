@@ -492,6 +492,7 @@ def train(
     max_shift = max(1, min(h, w) // 16) if augment else 0
     for epoch in range(start_epoch, epochs):
         if time_budget_s is not None and metrics["history"] and spent() + 1.25 * reserve >= time_budget_s:
+            metrics["stopped_by_time_budget"] = True
             break
         t0 = time.perf_counter()
         if curriculum_pending and epoch >= 1:
