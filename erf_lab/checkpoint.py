@@ -107,11 +107,13 @@ def build_arch(arch: str, arch_kwargs: Optional[Mapping[str, Any]] = None) -> nn
             raise ErfLabError(f"timm cannot build {name!r}: {exc}".splitlines()[0]) from exc
     from dk_ops import models
 
+    if arch not in models.names():
+        raise ErfLabError(f"unknown arch {arch!r}: give a zoo model ({', '.join(models.names())}), "
+                          "torchvision:NAME or timm:NAME")
     try:
         return models.create(arch, **kw)
     except (ValueError, TypeError) as exc:
-        raise ErfLabError(f"cannot build arch {arch!r}: {exc}; zoo models: {', '.join(models.names())}, "
-                          "or torchvision:NAME / timm:NAME") from exc
+        raise ErfLabError(f"cannot build arch {arch!r}: {exc}") from exc
 
 
 def _load_state(model: nn.Module, state: Mapping[str, Any], where: str) -> None:
@@ -168,6 +170,8 @@ def load_model(
             missing/unexpected keys, shape mismatches.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ErfLabError(f"{p} is a folder, not a model file (give the checkpoint file inside it)")
     if not p.is_file():
         raise ErfLabError(f"no such model file: {p}")
     names = _zip_names(p)
@@ -190,10 +194,10 @@ def load_model(
         with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
             obj = torch.load(str(p), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # garbage opcodes, not a refused class
+        if not _refused_global(exc):  # garbage opcodes, not a refused class
             raise ErfLabError(f"{where}: not a readable PyTorch file, corrupt or truncated (bad pickle data)") from exc
         if not trust:
-            raise ErfLabError(f"{where} holds pickled Python objects that a safe load refuses; {TRUST_HELP}") from exc
+            raise ErfLabError(f"{where} holds pickled Python objects that a safe load refuses: it needs full unpickling; {TRUST_HELP}") from exc
         try:
             obj = torch.load(str(p), map_location=map_location, weights_only=False)
         except Exception as exc2:  # noqa: BLE001
@@ -201,6 +205,14 @@ def load_model(
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError, IndexError) as exc:
         raise ErfLabError(f"{where}: not a readable PyTorch file, corrupt or truncated ({type(exc).__name__})") from exc
     return _from_object(obj, arch, arch_kwargs, where)
+
+
+def _refused_global(exc: BaseException) -> bool:
+    """Whether a ``weights_only`` failure is a refused global (the file is readable but needs full
+    unpickling) rather than bad data: torch words it "Unsupported global: GLOBAL x.y", "unsupported
+    GLOBAL x.y whose module x is blocked", "Unsupported operand ..." for REDUCE/BUILD on such objects."""
+    text = str(exc).lower()
+    return "unsupported global" in text or "whose module" in text or "is not an allowed global" in text
 
 
 def _from_object(obj: Any, arch: Optional[str], arch_kwargs, where: str) -> LoadedModel:
