@@ -13,9 +13,8 @@ from torch import Tensor
 
 from .errors import ErfLabError
 
-__all__ = ["get_layer", "run_to_layer", "select_output", "grid_of", "unit_activation", "LAYOUTS"]
+__all__ = ["get_layer", "run_to_layer", "select_output", "unit_activation"]
 
-LAYOUTS = ("nchw", "nhwc", "tokens")
 Index = Union[int, str, None]
 
 
@@ -89,38 +88,6 @@ def run_to_layer(model: nn.Module, x: Tensor, layer: Optional[nn.Module], stop: 
     if not box:
         raise ErfLabError(f"layer {type(layer).__name__} did not run in the model's forward")
     return box[0]
-
-
-def grid_of(
-    y: Tensor, layout: str, image_hw: Tuple[int, int], prefix_tokens: Optional[int] = None
-) -> Tuple[str, Tuple[int, int], int]:
-    """(layout, (H', W'), prefix tokens) of a layer output; ``layout="auto"`` means NCHW for 4-D, tokens for 3-D."""
-    if layout == "auto":
-        layout = {4: "nchw", 3: "tokens"}.get(y.dim(), "")
-        if not layout:
-            raise ErfLabError(
-                f"layer output has shape {list(y.shape)}; the ERF needs a spatial map (N,C,H,W), (N,H,W,C) "
-                "or tokens (N,L,C): pick another --layer"
-            )
-    if layout == "nchw":
-        return layout, (int(y.shape[2]), int(y.shape[3])), 0
-    if layout == "nhwc":
-        return layout, (int(y.shape[1]), int(y.shape[2])), 0
-    if layout != "tokens" or y.dim() != 3:
-        raise ErfLabError(f"layout {layout!r} does not fit a layer output of shape {list(y.shape)}")
-    n_tok = int(y.shape[1])
-    h_img, w_img = image_hw
-    candidates = [prefix_tokens] if prefix_tokens is not None else range(0, 9)
-    for p in candidates:
-        n = n_tok - p
-        if n <= 0:
-            continue
-        gh = round((n * h_img / w_img) ** 0.5)
-        if gh > 0 and n % gh == 0 and abs(n // gh / gh - w_img / h_img) < 0.5 / gh + 1e-9:
-            return layout, (gh, n // gh), p
-    raise ErfLabError(
-        f"cannot lay {n_tok} tokens on a grid with the image's aspect ratio; give the number of prefix tokens"
-    )
 
 
 def unit_activation(y: Tensor, layout: str, units: Sequence[Tuple[int, int]], grid_w: int, prefix: int) -> Tensor:

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as _dist
-from ._hooks import get_layer, grid_of, run_to_layer, select_output, unit_activation
+from ._hooks import get_layer, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
 from .errors import ErfLabError
+from .layers import LayerGrid, default_layer, expected_input_size, output_grid, probe_size, spatial_grid
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
 
@@ -218,7 +219,8 @@ class _Source:
             elif data.dim() != 4:
                 raise ErfLabError(f"an image tensor must be (C,H,W) or (N,C,H,W), got shape {list(data.shape)}")
         elif not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-            raise ErfLabError(f"data must be a tensor or a Dataset, got {type(data).__name__}")
+            raise ErfLabError(f"data must be an image tensor (N,C,H,W), a Dataset of images or a data spec "
+                              f"string such as 'digits-ms' or 'noise', got {type(data).__name__}")
 
     def __len__(self) -> int:
         return len(self.data)
@@ -307,13 +309,19 @@ def _geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: 
             rf = graph.of(layer, output_index)
         except ErfLabError as exc:
             note = str(exc)
+    lg = None
     if rf is not None and rf.spatial:  # the traced shapes give the grid without running the model
-        layout, grid, prefix = "nchw", tuple(rf.shape[1:]), 0
-    else:
+        if layout == "nchw":
+            lg = LayerGrid("nchw", (int(rf.shape[1]), int(rf.shape[2])))
+        else:
+            g = spatial_grid(torch.empty((1,) + tuple(rf.shape), device="meta"), (h, w), model, prefix_tokens)
+            lg = g if g is not None and g.layout == "nchw" else None
+    if lg is None:  # NHWC, tokens, or no trace: read the grid off a forward to the layer
         rf = None
         with torch.no_grad():
             y = select_output(run_to_layer(model, x0.unsqueeze(0), get_layer(model, layer)), output_index)
-        layout, grid, prefix = grid_of(y, layout, (h, w), prefix_tokens)
+        lg = output_grid(y, (h, w), layout, prefix_tokens, model)
+    layout, grid, prefix = lg.layout, lg.grid, lg.prefix
     if rf is not None:
         cy0, cx0, jy, jx = rf.y.center0, rf.x.center0, rf.y.jump, rf.x.jump
         size = (rf.y.size, rf.x.size)
@@ -330,42 +338,14 @@ def _geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: 
     else:
         seq = list(units_arg)
         units = [tuple(int(v) for v in u) for u in (seq if seq and isinstance(seq[0], (tuple, list)) else [seq])]
-    for u in units:
-        if len(u) != 2 or not (0 <= u[0] < grid[0] and 0 <= u[1] < grid[1]):
-            raise ErfLabError(f"unit {u} is outside the layer's {grid[0]}x{grid[1]} grid")
+    resolved = []
+    for u in units:  # negative indices count from the end, as in Python
+        if len(u) != 2 or not (-grid[0] <= u[0] < grid[0] and -grid[1] <= u[1] < grid[1]):
+            raise ErfLabError(f"unit {tuple(u)} is outside the layer's {grid[0]}x{grid[1]} grid")
+        resolved.append((u[0] % grid[0], u[1] % grid[1]))
+    units = resolved
     centers = [(cy0 + u[0] * jy, cx0 + u[1] * jx) for u in units]
     return _Geometry(layout, grid, prefix, units, centers, size, local, note, (jy, jx), graph, rf)
-
-
-def _default_layer(model: nn.Module, x0: Tensor) -> Tuple[Optional[str], str]:
-    """(layer, note) for ``layer=None``: the model output if it is a spatial map or tokens, else the
-    last module (in execution order) whose output is a map larger than 1x1 (a classifier's last stage)."""
-    with torch.no_grad():
-        shapes: List[Tuple[str, Tuple[int, ...]]] = []
-        handles = []
-        for name, m in model.named_modules():
-            if not name:
-                continue
-
-            def hook(mod, inp, out, name=name):
-                if isinstance(out, Tensor):
-                    shapes.append((name, tuple(out.shape)))
-
-            try:
-                handles.append(m.register_forward_hook(hook))
-            except (RuntimeError, AttributeError):
-                break
-        try:
-            out = model(x0.unsqueeze(0))
-        finally:
-            for h in handles:
-                h.remove()
-    if isinstance(out, Tensor) and out.dim() in (3, 4):
-        return None, ""
-    spatial = [n for n, sh in shapes if len(sh) == 4 and sh[2] * sh[3] > 1]
-    if not spatial:
-        raise ErfLabError("the model output has no spatial grid and no layer outputs one: pass --layer")
-    return spatial[-1], f"layer=None: the output has no spatial grid; using the last spatial layer {spatial[-1]!r}"
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -460,7 +440,12 @@ class _Engine:
         xr = x.repeat_interleave(n_u, dim=0) if n_u > 1 else x
         xr = xr.detach().requires_grad_(True)
         with torch.enable_grad():
-            out, units = self.forward(xr)
+            try:
+                out, units = self.forward(xr)
+            except (AssertionError, RuntimeError, ValueError) as exc:
+                if check is not None:  # an unverified crop or cone: the caller falls back to the full image
+                    raise _CropRefused from exc
+                raise
             v = self.unit_vectors(out, units)
             if check is not None and (check[1] is None or not _agree(v.detach()[check[0] * n_u : (check[0] + 1) * n_u], check[1])):
                 raise _CheckFailed
@@ -475,6 +460,10 @@ class _Engine:
         for u in self.geo.units:
             outs.append(ng.attribute(x.detach().clone().requires_grad_(True), neuron_selector=lambda o, u=u: self.target_vectors(o, [u])))
         return torch.stack(outs, 1)
+
+
+class _CropRefused(Exception):
+    """The model raised on a cropped input (e.g. a fixed input size): the crop cannot be used."""
 
 
 class _CheckFailed(Exception):
@@ -529,7 +518,7 @@ def _reference(engine: "_Engine", x0: Tensor, crop: Optional[Tuple[int, int, int
         try:
             y = select_output(run_to_layer(engine.model, batch, engine.layer, stop=engine.stop), engine.output_index)
             return engine.unit_vectors(y.expand(len(units), *y.shape[1:]), units)  # sample u targets unit u
-        except (IndexError, RuntimeError, ErfLabError):
+        except (IndexError, RuntimeError, ValueError, AssertionError, ErfLabError):  # e.g. a fixed input size
             return None
 
 
@@ -546,7 +535,7 @@ def _check_locality(engine: "_Engine", x0: Tensor, crop: Tuple[int, int, int, in
         try:
             y = select_output(run_to_layer(engine.model, x0[None, :, ya:yb, xa:xb], engine.layer), engine.output_index)
             a = engine.unit_vectors(y.expand(len(units), *y.shape[1:]), units)
-        except (IndexError, RuntimeError, ErfLabError):
+        except (IndexError, RuntimeError, ValueError, AssertionError, ErfLabError):
             return None
     return a if _agree(a, ref) else None
 
@@ -562,6 +551,116 @@ def auto_batch_size(device: Union[str, torch.device], hw: Tuple[int, int]) -> in
     if torch.device(device).type != "cpu":
         return 32
     return int(min(64, max(1, CPU_BATCH_PIXELS // max(1, hw[0] * hw[1]))))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _model_channels(model: nn.Module) -> Optional[int]:
+    """Input channels of the first convolution (or first 4-D weight); None when the model does not say."""
+    for m in model.modules():
+        c = getattr(m, "in_channels", None)
+        if isinstance(c, int) and isinstance(getattr(m, "weight", None), Tensor):
+            return c
+    for p in model.parameters():
+        if p.dim() == 4:
+            return int(p.shape[1])
+    return None
+
+
+def _check_input(model: nn.Module, x: Tensor) -> bool:
+    """One-line errors for images the model cannot take (channels, a fixed input size); True when the
+    model takes one input size only."""
+    c = _model_channels(model)
+    if c is not None and int(x.shape[1]) != c:
+        raise ErfLabError(f"the images have {int(x.shape[1])} channel(s) but the model's first layer takes {c}: "
+                          f"convert the images (e.g. open the data with channels={c})")
+    want = expected_input_size(model)
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if want is not None and hw != tuple(want):
+        raise ErfLabError(f"this model takes {want[0]}x{want[1]} inputs only, the images are {hw[0]}x{hw[1]}: "
+                          f"use image size {want[0]}" + ("" if want[0] == want[1] else f",{want[1]}"))
+    return want is not None
+
+
+def _activation_bytes(model: nn.Module, x: Tensor, layer: Optional[str]) -> int:
+    """Bytes of the distinct tensors that modules output in a forward up to ``layer`` for ``x``."""
+    seen, total = set(), [0]
+    handles = []
+
+    def hook(mod, inp, out):
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total[0] += t.numel() * t.element_size()
+
+    for name, m in model.named_modules():
+        try:
+            handles.append(m.register_forward_hook(hook))
+        except (RuntimeError, AttributeError):
+            return 0
+    try:
+        with torch.no_grad():
+            run_to_layer(model, x, get_layer(model, layer) if layer else None)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def _plan_layer(model: nn.Module, x_first: Tensor, layer: Optional[str], output_index) -> Tuple[Optional[str], str, int]:
+    """(layer, how it was chosen, estimated bytes per image of a forward+backward at the full size).
+
+    The default layer is chosen on a small copy of the image (:func:`erf_lab.layers.probe_size`), not
+    at the user's size, and the same probe gives the memory estimate."""
+    hw = tuple(x_first.shape[-2:])
+    ph, pw = probe_size(model, hw)
+    probe = x_first if (ph, pw) == hw else F.interpolate(x_first, size=(ph, pw), mode="bilinear", align_corners=False)
+    note = ""
+    try:
+        if layer in (None, "") and output_index is None:
+            chosen = default_layer(model, probe)
+            layer, note = chosen.name, f"layer=None: {chosen.note}" if chosen.note else ""
+        # images up to the probe's size fit anywhere: no estimate, no extra forward
+        act = 0 if (ph, pw) == hw else _activation_bytes(model, probe, layer)
+    except ErfLabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model refused the input: one line, not its traceback
+        raise ErfLabError(f"the model does not run on a {ph}x{pw} input ({_first_line(exc)})") from exc
+    if act == 0:
+        return layer, note, 0
+    scale = (hw[0] * hw[1]) / float(ph * pw)
+    # forward activations kept for the backward, their gradients, and the input with its gradient
+    return layer, note, int(2 * act * scale + 2 * x_first[0].numel() * x_first.element_size())
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _images_that_fit(per_image: int, device: torch.device) -> int:
+    """How many images a batch may hold in the memory available (a one-line error when not even one)."""
+    avail = _available_bytes(device)
+    if avail is None or per_image <= 0:
+        return 1 << 30
+    if per_image > 0.8 * avail:
+        raise ErfLabError(f"one image needs about {per_image / 2**30:.1f} GiB for the forward and backward, "
+                          f"{avail / 2**30:.1f} GiB are available on {device}: use a smaller image size")
+    return max(1, int(0.5 * avail // per_image))
 
 
 def compute_erf(
@@ -600,19 +699,23 @@ def compute_erf(
 
     Args:
         model: any ``nn.Module`` taking (N, C, H, W) images; run in eval mode (restored after).
-        data: a Tensor[N, C, H, W] / Tensor[C, H, W], or a Dataset of dicts with ``"image"``,
-            of image tensors or of ``(image, label)`` tuples. Images are used as given
-            (already normalised), resized with bicubic interpolation to ``image_size`` if set,
-            in the dtype of the model's parameters (a float64 model gets float64 images).
-        layer: a name from ``model.named_modules()``; None is the model output, or when that has
-            no spatial grid (a classifier), the last layer whose output is a map larger than 1x1.
+        data: a Tensor[N, C, H, W] / Tensor[C, H, W], a Dataset of dicts with ``"image"``,
+            of image tensors or of ``(image, label)`` tuples, or a data spec string
+            (``"digits-ms"``, ``"noise"``, a folder...; :func:`erf_lab.data.open_data`, test split).
+            Images are used as given (already normalised), resized with bicubic interpolation to
+            ``image_size`` if set, in the dtype of the model's parameters (a float64 model gets
+            float64 images).
+        layer: a name from ``model.named_modules()``; None: the default layer of
+            :func:`erf_lab.layers.default_layer` (the last spatial map or token grid of the backbone),
+            chosen on a copy of the first image no longer than 256 px.
         unit: ``"center"`` (the cell whose theoretical RF is centred nearest the image centre),
             ``(y, x)``, or a list of such pairs (all in one pass; a list of results is returned).
         preset: ``"replknet"``, ``"luo"`` or ``"openerf"`` (:data:`PRESETS`); the other option
             arguments (:class:`ERFOptions`) override single choices of the preset.
         output_index: element of a tuple/dict layer output.
-        layout: ``"auto"`` (4-D NCHW, 3-D tokens), ``"nchw"``, ``"nhwc"`` or ``"tokens"``;
-            ``prefix_tokens``: class/register tokens before the grid (guessed when None).
+        layout: ``"auto"`` (detected: :func:`erf_lab.layers.spatial_grid`), ``"nchw"``, ``"nhwc"`` or
+            ``"tokens"``; ``prefix_tokens``: class/register tokens before the grid (the model's
+            ``num_prefix_tokens``, else guessed, when None).
         num_images, sampling, seed: ``num_images`` images drawn with ``seed``, uniformly
             (``"random"``) or round-robin over labels (``"stratified"``).
         batch_size, device: images per backward pass (``"auto"``: :func:`auto_batch_size` for the
@@ -660,6 +763,11 @@ def compute_erf(
         raise ErfLabError(f"center must be 'rf' or 'array', got {center!r}")
     if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ErfLabError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}")
+    if isinstance(data, (str, Path)):
+        from .data import open_data
+
+        data = open_data(str(data), split="test", seed=seed, image_size=image_size, channels=_model_channels(model) or 3,
+                         **({"num_images": num_images} if str(data) == "noise" and num_images else {}))
     source = _Source(data)
     indices = _select(source, num_images, sampling, seed)
     use_dist = _dist.is_active() if distributed is None else bool(distributed and _dist.is_active())
@@ -703,10 +811,12 @@ def compute_erf(
             to_channels_last(model)
         x_first = load(indices[:1])
         hw = tuple(x_first.shape[-2:])
-        layer_note = ""
-        if layer in (None, "") and output_index is None:
-            layer, layer_note = _default_layer(model, x_first[0])
+        fixed = _check_input(model, x_first)
+        layer, layer_note, per_image_bytes = _plan_layer(model, x_first, layer, output_index)
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
+        memory_cap = _images_that_fit(per_image_bytes, device)
+        if fixed:
+            crop = False  # a crop is an input of another size, which a fixed-size model refuses
         n_folded = 0
         if backend == "engine" and fold_bn:
             from ._fold import fold_batchnorm
@@ -742,7 +852,8 @@ def compute_erf(
         def batch_for(window: Optional[Tuple[int, int, int, int]]) -> int:
             if batch_size != "auto":
                 return int(batch_size)
-            return auto_batch_size(device, (window[2] - window[0], window[3] - window[1]) if window is not None else hw)
+            auto = auto_batch_size(device, (window[2] - window[0], window[3] - window[1]) if window is not None else hw)
+            return max(1, min(auto, memory_cap))
 
         pos, batch_used = 0, 0
         while pos < len(my_indices):
@@ -773,6 +884,11 @@ def compute_erf(
                     check = refs[key]
                 try:
                     g = engine.gradients(x, check) if backend == "engine" else engine.captum_gradients(x)
+                except _CropRefused:
+                    window, locality = None, "the model refused the crop: full image"
+                    engine.cone, cone_note = None, "off (the model refused the crop)"
+                    x_full = x_full[: batch_for(window)]
+                    continue
                 except _CheckFailed:
                     if engine.cone is not None:  # the cone first: the crop alone may still be exact
                         engine.cone, cone_note = None, "cone check failed: off"
@@ -813,7 +929,10 @@ def compute_erf(
             p.requires_grad_(grads_before.get(n, True))
         model.train(was_training)
     used, skipped = int(counts[0]), int(counts[1])
-    mean = (acc / max(used, 1)).cpu().numpy()
+    if used == 0:
+        raise ErfLabError(f"no image gave a finite map: all {skipped} gradients hold NaN or inf "
+                          "(check the model's weights and the input normalisation)")
+    mean = (acc / used).cpu().numpy()
     results = []
     for k, (u, c) in enumerate(zip(geo.units, geo.centers)):
         meta = {
@@ -833,6 +952,7 @@ def compute_erf(
             "center_mode": center,
             "image_size": list(hw),
             "num_images_requested": num_images,
+            "num_images_available": len(source),
             "sampling": sampling,
             "seed": seed,
             "batch_size": batch_size,

@@ -45,27 +45,14 @@ def display_image(ds: Any, image: torch.Tensor) -> np.ndarray:
 
 
 def last_spatial_layer(model: nn.Module, input_size: Tuple[int, int, int]) -> str:
-    """Name of the module whose output is the last (N, C, H, W) map with H*W > 1 of a forward pass."""
-    order = []
+    """The default layer of ``model`` (:func:`erf_lab.layers.default_layer`, the rule of ``erf-lab erf``)."""
+    from erf_lab.layers import default_layer
 
-    def hook(name: str):
-        def record(mod: nn.Module, i: Any, o: Any) -> None:
-            order.append((name, o))
-
-        return record
-
-    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-    for name, o in reversed(order):
-        if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1:
-            return name
-    raise ErfLabError("the model has no spatial (N, C, H, W) layer; pass layer=")
+    p = next(model.parameters())
+    chosen = default_layer(model, torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    if chosen.name is None:
+        raise ErfLabError("the model's output is its spatial map; pass layer=")
+    return chosen.name
 
 
 def grid_geometry(model: nn.Module, layer: str, input_size: Tuple[int, int, int]) -> Dict[str, Any]:
