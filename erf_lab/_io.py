@@ -1,9 +1,12 @@
-"""Atomic file writes shared by every layer that saves results (erf_lab, analyses, figures)."""
+"""Atomic file writes shared by every layer that saves results (erf_lab, analyses, figures),
+the checks that a command can write its outputs (made before any work), and a registry of
+the files written so far in this process (for "interrupted; already written: ..." messages)."""
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, List, Union
 
 import numpy as np
 
@@ -34,7 +37,134 @@ def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = Fal
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _record(path)
     return path
+
+
+# ---- files written so far ---------------------------------------------------------------------
+_WRITTEN: List[Path] = []
+_WRITTEN_KEYS: set = set()
+_WRITTEN_LOCK = threading.Lock()
+
+
+def _record(path: Path) -> None:
+    key = os.path.abspath(path)
+    with _WRITTEN_LOCK:
+        if key not in _WRITTEN_KEYS:
+            _WRITTEN_KEYS.add(key)
+            _WRITTEN.append(path)
+
+
+def written_files() -> List[Path]:
+    """Every destination :func:`atomic_write` completed in this process since the last
+    :func:`reset_written`, in the order first written, each once (as the caller spelled it)."""
+    with _WRITTEN_LOCK:
+        return list(_WRITTEN)
+
+
+def reset_written() -> None:
+    """Forget the files recorded so far (e.g. at the start of a command)."""
+    with _WRITTEN_LOCK:
+        _WRITTEN.clear()
+        _WRITTEN_KEYS.clear()
+
+
+# ---- can the outputs be written? ---------------------------------------------------------------
+def _reason(exc: OSError) -> str:
+    """``[Errno 30] Read-only file system`` (without the probe file's name)."""
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _probe(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder`` (raises OSError if that is impossible)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".erf-lab-write-test-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_dir(path: PathLike, *, what: str = "--out") -> Path:
+    """Make sure a command can write into the folder ``path``, before it does any work.
+
+    Creates the folder (and its parents) if absent, refuses an existing non-folder, and proves
+    the folder writable by creating and removing a temporary file in it (a folder this call
+    created is removed again when that fails). ``what`` names the option in the messages.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ErfLabError: one line, e.g. ``--out results/x: is an existing file, not a folder`` or
+        ``cannot write into results/x: [Errno 30] Read-only file system``.
+    """
+    folder = Path(path)
+    _check_dir(folder, f"{what} {folder}" if what else str(folder), "")
+    return folder
+
+
+def _check_dir(folder: Path, label: str, which: str) -> None:
+    """:func:`check_output_dir`'s work; messages start with ``label`` and name the folder as ``which``."""
+    from .errors import ErfLabError
+
+    subject = f"{which} " if which else ""
+    if folder.exists() and not folder.is_dir():
+        kind = "an existing file" if folder.is_file() else "a device, pipe or socket"
+        raise ErfLabError(f"{label}: {subject}is {kind}, not a folder")
+    if folder.is_symlink() and not folder.exists():
+        raise ErfLabError(f"{label}: {subject}is a broken symbolic link, not a folder")
+    created: List[Path] = []
+    if not folder.is_dir():
+        missing = [folder] + [p for p in folder.parents if not p.exists()]
+        try:
+            for p in reversed(missing):
+                if not p.exists():
+                    p.mkdir()
+                    created.append(p)
+        except OSError as exc:
+            _remove_dirs(created)
+            raise ErfLabError(f"{label}: cannot create the folder{' ' + which if which else ''}: {_reason(exc)}") from None
+    try:
+        _probe(folder)
+    except OSError as exc:
+        _remove_dirs(created)
+        raise ErfLabError(f"cannot write into {folder}: {_reason(exc)}") from None
+
+
+def _remove_dirs(created: List[Path]) -> None:
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def check_output_file(path: PathLike, *, what: str = "--out") -> Path:
+    """Make sure a command can write the file ``path`` (e.g. ``train``'s checkpoint), before any work.
+
+    Refuses an existing folder and anything that is not a regular file (``/dev/null``, a pipe:
+    :func:`atomic_write` would replace it by a regular file), then checks the parent folder as
+    :func:`check_output_dir` does (creating it if absent).
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        ErfLabError: one line, e.g. ``--out results/m.pt: is an existing folder, not a file``.
+    """
+    from .errors import ErfLabError
+
+    file = Path(path)
+    prefix = f"{what} " if what else ""
+    label = f"{prefix}{file}"
+    if str(path).endswith(("/", os.sep)):  # Path() drops the slash that says "a folder"
+        raise ErfLabError(f"{prefix}{path}: ends with a slash (a folder); give a file path such as DIR/model.pt")
+    if file.is_dir():
+        raise ErfLabError(f"{label}: is an existing folder, not a file")
+    if file.exists() and not file.is_file():
+        raise ErfLabError(f"{label}: is a device, pipe or socket, not a regular file; give a file path")
+    _check_dir(file.parent, label, str(file.parent))
+    return file
 
 
 def jsonable(v: Any) -> Any:
