@@ -114,9 +114,9 @@ def _run(x: np.ndarray, backend: str, perplexity: float, n_iter: int, seed: int,
             import openTSNE
         except ImportError:
             raise ErfLabError("t-SNE backend 'opentsne' needs openTSNE: pip install 'erf-lab[tsne]' (or openTSNE)") from None
-        from tqdm.auto import tqdm
+        from erf_lab._progress import progress as progress_bar
 
-        bar = tqdm(total=n_iter, desc="t-SNE (openTSNE)", disable=not progress, leave=False)
+        bar = progress_bar(total=n_iter, desc="t-SNE (openTSNE)", unit="iter", enabled=progress, leave=False)
         every = 50
 
         def tick(iteration, error, embedding):  # openTSNE callback: False = keep going
@@ -132,6 +132,7 @@ def _run(x: np.ndarray, backend: str, perplexity: float, n_iter: int, seed: int,
         )
         try:
             y = np.asarray(model.fit(x), dtype=np.float64)
+            bar.update(bar.total - bar.n)  # callbacks come every 50 iterations: count the remainder
         finally:
             bar.close()
         version = openTSNE.__version__
@@ -139,9 +140,9 @@ def _run(x: np.ndarray, backend: str, perplexity: float, n_iter: int, seed: int,
         gradient = "bh"
         import sklearn
         from sklearn.manifold import TSNE
-        from tqdm.auto import tqdm
+        from erf_lab._progress import progress as progress_bar
 
-        with tqdm(total=1, desc="t-SNE (scikit-learn)", disable=not progress, leave=False) as bar:
+        with progress_bar(total=1, desc="t-SNE (scikit-learn)", unit="run", enabled=progress, leave=False) as bar:
             y = TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca", learning_rate="auto",
                      random_state=seed, n_jobs=n_jobs).fit_transform(x).astype(np.float64)
             bar.update()
@@ -170,7 +171,7 @@ def embed(
         backend: ``"auto"`` (openTSNE when installed), ``"sklearn"`` or ``"opentsne"``.
         seed: seeds PCA and t-SNE.
         n_jobs: threads (default: the CPUs this process may use).
-        progress: tqdm bar.
+        progress: a bar on a terminal, else one line when done (see :mod:`erf_lab._progress`).
 
     Returns:
         ``(coords, info)``: ``coords`` (numpy.ndarray[float64, N, 2]) and ``info`` (what ran,

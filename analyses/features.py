@@ -381,7 +381,7 @@ def extract_features(
     labels, bins, indices, boxes = [], [], [], []
     try:
         with torch.no_grad():
-            for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", disable=not progress, leave=False):
+            for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", enabled=progress, leave=False):
                 x = batch["image"].to(device)
                 fmap = select_output(run_to_layer(net, x, module, stop=True))
                 if fmap.dim() != 4 or tuple(fmap.shape[2:]) != map_hw:

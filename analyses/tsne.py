@@ -280,7 +280,7 @@ def run_tsne(
         seed: seeds sampling, PCA, t-SNE, folds and k-means.
         out: directory for the report files (nothing is written when None).
         save_features: also write ``features_<model>.npz`` (+ ``.json``) into ``out``.
-        progress: tqdm bars.
+        progress: a bar per stage on a terminal, else one line per stage (see :mod:`erf_lab._progress`).
 
     Returns:
         :class:`TSNEResult`.

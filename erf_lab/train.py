@@ -51,12 +51,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from .errors import ErfLabError
 from ._io import atomic_write
 from ._layout import resolve_channels_last, to_channels_last
-from ._progress import loader_bar
+from ._progress import loader_bar, write_line
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -157,13 +156,16 @@ def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 # ---- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-             num_workers: int = 0, desc: str = "eval", progress: bool = True) -> Dict[str, Any]:
-    """Loss, accuracy and accuracy per size bin of ``model`` on ``data`` (items as ``open_data``'s)."""
+             num_workers: int = 0, desc: str = "eval", progress: bool = True, summary: bool = True) -> Dict[str, Any]:
+    """Loss, accuracy and accuracy per size bin of ``model`` on ``data`` (items as ``open_data``'s).
+
+    ``progress``: a bar on a terminal, else one line when done (none with ``summary=False``;
+    see :func:`erf_lab._progress.progress`)."""
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total, correct, loss_sum = 0, 0, 0.0
     bin_hits: Dict[int, List[int]] = {}
-    for batch in loader_bar(loader, desc=desc, leave=False, disable=not progress):
+    for batch in loader_bar(loader, desc=desc, leave=False, enabled=progress, summary=summary):
         x, y = batch["image"].to(device), batch["label"].to(device)
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -363,7 +365,8 @@ def train(
         arch_kwargs: extra model arguments (e.g. ``{"width_mult": 0.5}``).
         max_train_images, max_eval_images: seeded subsets, for quick runs.
         skip_bad: skip undecodable images.
-        progress: tqdm bars and one line per epoch.
+        progress: one line per epoch (stdout); tqdm bars on a terminal, and when stderr is
+            not one, a line for the final test instead (:func:`erf_lab._progress.progress`).
 
     Returns:
         the metrics dict (also in the checkpoint and ``OUT.metrics.json``): per-epoch
@@ -513,7 +516,8 @@ def train(
         done = max(epoch / epochs, 0.0 if time_budget_s is None else spent() / time_budget_s)
         res = train_resolution(done, resize_steps, (h, w))
         loss_sum, correct, seen, stopped = 0.0, 0, 0, False
-        bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, disable=not progress)
+        bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, enabled=progress,
+                         summary=False)  # the epoch line below says it
         for batch in bar:
             if time_budget_s is not None and seen and spent() + 1.25 * reserve + 2 * step_s >= time_budget_s:
                 stopped = True
@@ -540,7 +544,8 @@ def train(
             step_s = time.perf_counter() - t_step
         bar.close()
         t_val = time.perf_counter()
-        val = evaluate(model, sets["val"], device=dev, desc=f"epoch {epoch + 1}/{epochs} val", progress=progress)
+        val = evaluate(model, sets["val"], device=dev, desc=f"epoch {epoch + 1}/{epochs} val", progress=progress,
+                       summary=False)
         seconds = time.perf_counter() - t0
         metrics["train_seconds"] = spent()
         metrics["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
@@ -558,7 +563,7 @@ def train(
         reserve = time.perf_counter() - t_val
         metrics["train_seconds"] = spent()
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.4f} "
+            write_line(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.4f} "
                        f"acc {correct / max(seen, 1):.4f} | val acc {val['acc']:.4f}"
                        f"{' (best)' if improved else ''} | {seconds:.1f}s")
         if stopped:

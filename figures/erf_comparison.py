@@ -53,9 +53,8 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
         a :class:`FigureResult`; its table is the mass-in-box fraction per model and size bin.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
-
     import erf_lab
+    from erf_lab._progress import progress as progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +77,7 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
     instance_maps: Dict[str, np.ndarray] = {}
     jobs = [(op, int(i)) for op in ops for b in bins_sorted for i in chosen[b]]
     items: Dict[int, Dict[str, Any]] = {}
-    for op, i in tqdm(jobs, desc="instance ERFs", disable=not progress):
+    for op, i in progress_bar(jobs, desc="instance ERFs", unit="ERF", enabled=progress):
         item = items.get(i) or items.setdefault(i, ds[i])
         box = item["box"].tolist()
         unit = unit_for_point(geos[op], box[1] + box[3] / 2, box[0] + box[2] / 2)
@@ -103,7 +102,7 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
     # data-set ERFs
     ds_rows = []
     ds_results = {}
-    for op in tqdm(ops, desc="data-set ERFs", disable=not progress):
+    for op in progress_bar(ops, desc="data-set ERFs", unit="model", enabled=progress):
         r = erf_lab.compute_erf(loaded[op].model, ds, layer=layers[op], unit="center", preset="replknet",
                                 num_images=erf_images, seed=seed, device=device, progress=False)
         r.save(out / "dataset" / op, plot=False)

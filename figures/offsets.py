@@ -100,8 +100,7 @@ def offsets_by_size(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: 
     """
     import pandas as pd
     from scipy.stats import spearmanr
-    from tqdm.auto import tqdm
-
+    from erf_lab._progress import progress as progress_bar
     from erf_lab.errors import ErfLabError
 
     out = Path(out_dir)
@@ -135,7 +134,7 @@ def offsets_by_size(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: 
 
         handles = [m.register_forward_hook(hook(name)) for name, m in mods.items()]
         try:
-            for s in tqdm(range(0, n, batch_size), desc=f"offsets {op}", disable=not progress):
+            for s in progress_bar(range(0, n, batch_size), desc=f"offsets {op}", unit="batch", enabled=progress):
                 items = [ds[int(i)] for i in idx[s:s + batch_size]]
                 x = torch.stack([it["image"] for it in items]).to(device)
                 boxes = torch.stack([it["box"] for it in items])
