@@ -317,6 +317,10 @@ def run_tsne(
         image_size = parse_size(image_size)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
+    if out is not None:  # before any work: an unwritable --out fails now, not after the t-SNE
+        from erf_lab._io import check_output_dir
+
+        check_output_dir(out)
     start = time.perf_counter()
 
     loaded: List[LoadedModel] = []

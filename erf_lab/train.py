@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import ErfLabError
-from ._io import atomic_write
+from ._io import atomic_write, check_output_file
 from ._layout import resolve_channels_last, to_channels_last
 from ._progress import loader_bar, write_line
 
@@ -399,6 +399,8 @@ def train(
         raise ErfLabError(f"optimizer must be adamw or sgd, got {optimizer!r}")
     dev = _resolve_device(device)
     paths = companion_paths(out_path)
+    for p in paths.values():  # before any work: an unwritable --out fails now, not after training
+        check_output_file(p)
     state = _load_resume(paths) if resume else None
     if state is not None and (state["arch"], state["arch_kwargs"].get("op"), state["data_spec"]) != (arch, op, data_spec):
         raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from erf_lab._io import check_output_dir
 from erf_lab.errors import ErfLabError
 
 from ._io import FigureResult, PathLike, Stages, rel, write_csv, write_json
@@ -83,8 +84,7 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         raise ErfLabError(f"unknown figure(s) {', '.join(bad)}; choose from {', '.join(FIGURES)}")
     cfg: FiguresConfig = config_for(mode, data=data, **overrides)
     dev = _device(device)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_output_dir(out)  # before any work: an unwritable --out fails now, not after training
     command = command or " ".join(shlex.quote(a) for a in ([Path(sys.argv[0]).name] + sys.argv[1:]))
     need_models = any(f != "theory" for f in wanted)
     stages = Stages(len(wanted) + (2 if need_models else 1), enabled=progress)
