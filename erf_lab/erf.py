@@ -151,14 +151,18 @@ class ERFResult:
         return m
 
     def metrics(self) -> Dict[str, Any]:
-        """Every metric of :func:`erf_lab.metrics.erf_metrics`, centred on the unit's RF centre."""
+        """Every metric of :func:`erf_lab.metrics.erf_metrics`, centred on the unit's RF centre.
+
+        Computed once per map and centre (``save`` and the CLI's summary line share them); the
+        returned dict is a copy."""
         rf = self.meta.get("rf_size")
-        return erf_metrics(
-            self.map,
-            self.center,
-            tuple(rf) if rf is not None and None not in rf else None,
-            array_center_parity=True,
-        )
+        rf = tuple(rf) if rf is not None and None not in rf else None
+        key = (id(self.map), self.map.shape, self.center, rf)
+        cached = self.__dict__.get("_metrics")
+        if cached is None or cached[0] != key:
+            cached = (key, erf_metrics(self.map, self.center, rf, array_center_parity=True))
+            self.__dict__["_metrics"] = cached
+        return dict(cached[1])
 
     def save(self, directory: Union[str, Path], *, plot: bool = True) -> Path:
         """Writes ``erf.npz`` (``erf``: the float64 map), ``erf.json`` (metrics, meta) and ``erf.png``

@@ -114,14 +114,65 @@ def peak(m: np.ndarray) -> Tuple[int, int]:
     return int(idx[0]), int(idx[1])
 
 
-def gaussian_fit(m: np.ndarray, center: Center, steps: int = 60) -> Dict[str, float]:
+#: Maps with more pixels than this are fitted on a block-averaged copy (:func:`gaussian_fit`).
+GAUSS_FIT_MAX_PIXELS = 256 * 256
+
+
+def _block_mean(m: np.ndarray, f: int) -> np.ndarray:
+    """Means of f x f blocks (the map zero-padded to a multiple of f: an ERF is ~0 at its border)."""
+    h, w = m.shape
+    H, W = -(-h // f) * f, -(-w // f) * f
+    p = np.zeros((H, W), dtype=np.float64)
+    p[:h, :w] = m
+    return p.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+
+
+def gaussian_fit(m: np.ndarray, center: Center, steps: int = 60, max_pixels: int = GAUSS_FIT_MAX_PIXELS) -> Dict[str, float]:
     """Least-squares fit of ``A exp(-(y-my)^2/2sy^2 - (x-mx)^2/2sx^2)`` to ``m`` (L-BFGS, float64).
 
-    Starts from the moments about ``center``. Returns amplitude, mean, sigmas and R^2.
+    Starts from the moments about ``center``. Returns amplitude, mean, sigmas, R^2 and
+    ``downsample``: a map of more than ``max_pixels`` pixels is fitted on its means over
+    ``f x f`` blocks (``f`` the smallest factor that brings it under the bound, which keeps the
+    cost of a 2048 px map at that of a 256 px one); the parameters are mapped back to pixels
+    (block centres; the variance a block mean adds, ``(f^2 - 1) / 12``, is removed) and R^2 is
+    that of the block-mean map. A field narrower than two blocks is refitted at full resolution
+    on a window of +-6 sigma around it (``window``: y0, x0, y1, x1).
     """
+    m = np.asarray(m, dtype=np.float64)
+    f = 1
+    while m.size / (f * f) > max_pixels:
+        f += 1
+    if f == 1:
+        return dict(_fit(m, center, steps), downsample=1)
+    small = _block_mean(m, f)
+    g = _fit(small, ((center[0] - (f - 1) / 2) / f, (center[1] - (f - 1) / 2) / f), steps)
+    box_var = (f * f - 1) / 12.0
+    if g["sigma_y"] == g["sigma_y"] and min(g["sigma_y"], g["sigma_x"]) < 2:
+        # a field narrower than two blocks is not Gaussian after block means: refit at full resolution
+        # on a window of +-6 sigma around it (within the pixel bound)
+        half = int(min(math.ceil(6 * f * max(g["sigma_y"], g["sigma_x"])) + 2, (math.sqrt(max_pixels) - 1) // 2))
+        cy, cx = f * g["mean_y"] + (f - 1) / 2, f * g["mean_x"] + (f - 1) / 2
+        y0, x0 = max(0, int(round(cy)) - half), max(0, int(round(cx)) - half)
+        y1, x1 = min(m.shape[0], int(round(cy)) + half + 1), min(m.shape[1], int(round(cx)) + half + 1)
+        if y1 > y0 + 2 and x1 > x0 + 2:
+            w = _fit(m[y0:y1, x0:x1], (cy - y0, cx - x0), steps)
+            w["mean_y"], w["mean_x"] = w["mean_y"] + y0, w["mean_x"] + x0
+            return dict(w, downsample=1, window=[y0, x0, y1, x1])
+    out = {"r2": g["r2"], "downsample": f}
+    amp = g["amplitude"]
+    for axis in ("y", "x"):
+        var = max((f * g[f"sigma_{axis}"]) ** 2 - box_var, 1e-12) if g[f"sigma_{axis}"] == g[f"sigma_{axis}"] else math.nan
+        out[f"sigma_{axis}"] = math.sqrt(var) if var == var else math.nan
+        out[f"mean_{axis}"] = f * g[f"mean_{axis}"] + (f - 1) / 2
+        if var == var:  # a block mean of a Gaussian is lower at the peak by sqrt(var / (var + box_var)) per axis
+            amp = amp * math.sqrt((var + box_var) / var)
+    out["amplitude"] = amp
+    return {k: out[k] for k in ("amplitude", "mean_y", "mean_x", "sigma_y", "sigma_x", "r2", "downsample")}
+
+
+def _fit(m: np.ndarray, center: Center, steps: int) -> Dict[str, float]:
     import torch
 
-    m = np.asarray(m, dtype=np.float64)
     sy0, sx0 = second_moments(m, center)
     if not (sy0 > 0 and sx0 > 0):
         return {"amplitude": math.nan, "mean_y": math.nan, "mean_x": math.nan, "sigma_y": math.nan,
