@@ -24,6 +24,7 @@ from torch import Tensor
 from erf_lab._hooks import get_layer, run_to_layer, select_output
 from erf_lab._progress import loader_bar
 from erf_lab.errors import ErfLabError
+from erf_lab.layers import LayerGrid, default_layer, output_module, spatial_grid, to_nchw
 
 from ._io import PathLike, atomic_write, dumps, versions, write_text
 
@@ -31,6 +32,7 @@ __all__ = [
     "Features",
     "extract_features",
     "resolve_layer",
+    "resolve_layer_grid",
     "box_pool",
     "box_to_grid",
     "stratified_sample",
@@ -127,63 +129,42 @@ def stratified_sample(strata: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 # ---- layer resolution ----------------------------------------------------------------------------
 
 
-def _spatial(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.dim() == 4
+def resolve_layer_grid(model: nn.Module, layer: Optional[str], example: Tensor) -> Tuple[str, nn.Module, LayerGrid]:
+    """The layer to read features from and how its output lies on the image: ``(name, module, grid)``.
 
-
-def resolve_layer(model: nn.Module, layer: Optional[str], example: Tensor) -> Tuple[str, nn.Module, Tuple[int, ...]]:
-    """The layer to read features from: ``(name, module, output shape)``.
-
-    With ``layer=None``: the module whose output ``model.forward_features`` returns (zoo and
-    timm models: the last convolutional stage), else the last module to finish in the forward
-    with a spatial map (N, C, H', W') larger than 1x1 (else the last one of any size).
+    With ``layer=None``: :func:`erf_lab.layers.default_layer` (the module whose output
+    ``forward_features`` returns, else the last spatial map or token grid larger than 1x1), the
+    rule ``erf-lab erf`` uses. NHWC maps and token grids are read as (N, C, H', W') maps.
 
     Raises:
         ErfLabError: no such layer (lists close matches), or the layer's output is not a
-            spatial map (N, C, H', W').
+            spatial map or token grid.
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if layer not in (None, ""):
-        module = get_layer(model, layer)
-        with torch.no_grad():
-            out = select_output(run_to_layer(model, example, module, stop=True))
-        if not _spatial(out):
-            raise ErfLabError(
-                f"layer {layer!r} outputs shape {list(out.shape)}, not a spatial map (N, C, H, W): "
-                "pick a convolutional layer (list them with `erf-lab layers`)"
-            )
-        return str(layer), module, tuple(out.shape)
-    outputs: List[Tuple[str, Tensor]] = []
-    handles = []
-    for name, m in named:
-        def hook(mod, inp, out, name=name):
-            outputs.append((name, out))
-
-        try:
-            handles.append(m.register_forward_hook(hook))
-        except (RuntimeError, AttributeError):  # ScriptModules take no Python hooks
-            pass
-    try:
-        with torch.no_grad():
-            if callable(getattr(model, "forward_features", None)):
-                target = model.forward_features(example)
-                for name, out in reversed(outputs):
-                    if out is target and _spatial(out):
-                        return name, dict(named)[name], tuple(out.shape)
-                outputs.clear()
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    spatial = [(n, o) for n, o in outputs if _spatial(o)]
-    if not spatial:
+    hw = (int(example.shape[-2]), int(example.shape[-1]))
+    if layer in (None, ""):
+        chosen = default_layer(model, example)
+        name = chosen.name if chosen.name is not None else output_module(model, example)
+        if name is None:  # the output is the map and no module returns it: hook the model itself
+            return "", model, chosen.grid
+        return name, get_layer(model, name), chosen.grid
+    module = get_layer(model, layer)
+    with torch.no_grad():
+        out = select_output(run_to_layer(model, example, module, stop=True))
+    grid = spatial_grid(out, hw, model)
+    if grid is None:
         raise ErfLabError(
-            f"{type(model).__name__} has no layer with a spatial map (N, C, H, W) to pool features from; "
-            "give --layer for a model whose layers can be hooked"
+            f"layer {layer!r} outputs shape {list(out.shape)}, not a spatial map (N, C, H, W) or token grid: "
+            "pick a convolutional layer (list them with `erf-lab layers`)"
         )
-    larger = [(n, o) for n, o in spatial if o.shape[2] * o.shape[3] > 1]
-    name, out = (larger or spatial)[-1]
-    return name, dict(named)[name], tuple(out.shape)
+    return str(layer), module, grid
+
+
+def resolve_layer(model: nn.Module, layer: Optional[str], example: Tensor) -> Tuple[str, nn.Module, Tuple[int, ...]]:
+    """``(name, module, shape)`` of :func:`resolve_layer_grid`, the shape as an (N, C, H', W') map."""
+    name, module, grid = resolve_layer_grid(model, layer, example)
+    with torch.no_grad():
+        out = to_nchw(select_output(run_to_layer(model, example, module, stop=True)), grid)
+    return name, module, tuple(out.shape)
 
 
 # ---- box pooling ---------------------------------------------------------------------------------
@@ -369,9 +350,9 @@ def extract_features(
 
     first = dataset[int(positions[0])]
     example = first["image"][None].to(device)
-    layer_name, module, out_shape = resolve_layer(net, layer, example)
+    layer_name, module, layer_grid = resolve_layer_grid(net, layer, example)
     image_hw = tuple(int(s) for s in example.shape[2:])
-    map_hw = (int(out_shape[2]), int(out_shape[3]))
+    map_hw = layer_grid.grid
     mapping = None
     if pooling == "box":
         mapping = feature_grid_mapping(net, layer_name, (int(example.shape[1]),) + image_hw, map_hw)
@@ -383,7 +364,7 @@ def extract_features(
         with torch.no_grad():
             for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", enabled=progress, leave=False):
                 x = batch["image"].to(device)
-                fmap = select_output(run_to_layer(net, x, module, stop=True))
+                fmap = to_nchw(select_output(run_to_layer(net, x, module, stop=True)), layer_grid)
                 if fmap.dim() != 4 or tuple(fmap.shape[2:]) != map_hw:
                     raise ErfLabError(f"layer {layer_name!r} changed its output shape to {list(fmap.shape)} between batches")
                 if pooling == "gap":
@@ -412,7 +393,9 @@ def extract_features(
     sizes = np.where(size_bins >= 0, sizes, np.nan)
     meta = {
         "layer": layer_name,
-        "layer_shape": list(out_shape[1:]),
+        "layer_shape": [int(features.shape[1]), *map_hw],
+        "layer_layout": layer_grid.layout,
+        "prefix_tokens": layer_grid.prefix,
         "pooling": pooling,
         "box_mapping": None if mapping is None else {k: list(v) if isinstance(v, tuple) else v for k, v in mapping.items()},
         "input_size": [int(example.shape[1]), *image_hw],
