@@ -78,7 +78,8 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     p = sub.add_parser("erf", help="effective receptive field of a unit of a layer, over images")
     model_flags(p, required=True)
     p.add_argument("--layer", help="module name (see `erf-lab layers`); default: the model output")
-    p.add_argument("--unit", default="center", help="center (RF centred nearest the image centre) or Y,X[;Y,X...]")
+    p.add_argument("--unit", default="center",
+                   help="center (RF centred nearest the image centre) or Y,X[;Y,X...]; negative counts from the end")
     p.add_argument("--preset", default="replknet", choices=["replknet", "luo", "openerf"])
     p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: embedded digits-ms)")
     p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
@@ -101,6 +102,7 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
                           ("--color-reduction", ["sum", "mean"]), ("--map-rectify", ["clamp", "none"]),
                           ("--normalize", ["log_max", "max", "sum", "none"])):
         p.add_argument(flag, choices=choices, help="override the preset's choice")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true")
 
     def cmd_erf(args: argparse.Namespace) -> int:
@@ -120,12 +122,20 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
             image_size=args.image_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
             out=args.out, progress=not args.no_progress, sampling=args.sampling, center=args.center,
             crop=not args.no_crop, backend=args.backend, output_index=index, layout=args.layout,
-            prefix_tokens=args.prefix_tokens, **opts,
+            prefix_tokens=args.prefix_tokens, skip_bad=args.skip_bad, **opts,
         )
         from erf_lab import distributed
 
         if distributed.is_main():
-            for r in result if isinstance(result, list) else [result]:
+            results = result if isinstance(result, list) else [result]
+            r0 = results[0]
+            asked, held = r0.meta.get("num_images_requested"), r0.meta.get("num_images_available")
+            if asked is not None and held is not None and asked > held:
+                print(f"note: {asked} images asked for, the data holds {held}: used all {held}")
+            if r0.n_skipped:
+                print(f"note: {r0.n_skipped} of {r0.n_images + r0.n_skipped} images gave a non-finite map and were "
+                      f"left out of the mean")
+            for r in results:
                 m = r.metrics()
                 print(f"unit {tuple(r.meta['unit'])} of {r.meta['layer'] or 'output'}: n_images={r.n_images} "
                       f"skipped={r.n_skipped} rf_center={tuple(round(v, 1) for v in r.meta['rf_center'])} "
@@ -143,11 +153,12 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     def cmd_rf(args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from erf_lab.jobs import _input_size, model_for, parse_size, rf_table, write_csv
+        from erf_lab.jobs import input_size_for, model_for, output_folder, parse_size, rf_table, write_csv
 
-        lm = model_for(args.model, args.arch, args.trust_checkpoint)
-        df = rf_table(lm.model, _input_size(lm, parse_size(args.image_size)))
-        path = write_csv(df, f"{args.out}/rf.csv")
+        with output_folder(args.out):
+            lm = model_for(args.model, args.arch, args.trust_checkpoint)
+            df = rf_table(lm.model, input_size_for(lm, parse_size(args.image_size)))
+            path = write_csv(df, f"{args.out}/rf.csv")
         with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
             print(df.drop(columns=["notes"]).to_string(index=False))
         print(f"wrote {path}")
@@ -161,10 +172,10 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     def cmd_layers(args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from erf_lab.jobs import _input_size, layers_table, model_for, parse_size
+        from erf_lab.jobs import input_size_for, layers_table, model_for, parse_size
 
         lm = model_for(args.model, args.arch, args.trust_checkpoint)
-        df = layers_table(lm.model, _input_size(lm, parse_size(args.image_size)))
+        df = layers_table(lm.model, input_size_for(lm, parse_size(args.image_size)))
         with pd.option_context("display.max_rows", None, "display.width", 200):
             print(df.to_string(index=False))
         return 0
@@ -369,9 +380,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with "-" (argparse reads "--unit -1,0" as two options).
+_SIGNED_VALUES = ("--unit",)
+
+
+def _join_signed_values(argv: List[str]) -> List[str]:
+    """``--unit -1,0`` -> ``--unit=-1,0``."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _SIGNED_VALUES and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_join_signed_values(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -379,8 +418,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in _PLANNED:
             return _not_implemented(args.command)(args)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from erf_lab._io import reset_written, written_files
     from erf_lab.errors import ErfLabError
 
+    reset_written()
     try:
         return args._handlers[args.command](args)
     except (ErfLabError, ValueError, FileNotFoundError) as exc:
@@ -388,8 +429,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"erf-lab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as exc:
+        if args.debug or not _out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"erf-lab {args.command}: error: out of memory ({first[:160]}): use a smaller --image-size or "
+              "--batch-size", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"erf-lab {args.command}: interrupted", file=sys.stderr)
+        done = written_files()
+        if done:
+            print(f"erf-lab {args.command}: interrupted; already written: {', '.join(str(p) for p in done)}",
+                  file=sys.stderr)
+        else:
+            print(f"erf-lab {args.command}: interrupted; nothing written", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`erf-lab layers | head`): stop quietly, as Unix tools do.

@@ -325,7 +325,7 @@ def score_table(
 def _score_table(features, embedding, labels, size_bins, sizes, model, n_size_bins, seed, silhouette_max, trust_max,
                  progress):
     import pandas as pd
-    from tqdm.auto import tqdm
+    from erf_lab._progress import progress as progress_bar
 
     features = np.asarray(features)
     n = len(features)
@@ -341,7 +341,7 @@ def _score_table(features, embedding, labels, size_bins, sizes, model, n_size_bi
     spaces = [("features", features)] + ([("embedding", np.asarray(embedding))] if embedding is not None else [])
     rows, details = [], {}
     trust = trustworthiness(features, embedding, max_samples=trust_max, seed=seed) if embedding is not None else float("nan")
-    for space, x in tqdm(spaces, desc=f"scores {model}", disable=not progress, leave=False):
+    for space, x in progress_bar(spaces, desc=f"scores {model}", enabled=progress, leave=False):
         per_space, per_class = score_space(x, labels, size_bins, class_bins, seed=seed, silhouette_max=silhouette_max)
         details[space] = per_class
         for lab, s in per_space.items():

@@ -32,6 +32,7 @@ from torch import Tensor
 from . import distributed as _dist
 from ._hooks import get_layer, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
+from ._progress import progress as progress_bar
 from .errors import ErfLabError
 from .layers import LayerGrid, default_layer, expected_input_size, output_grid, probe_size, spatial_grid
 from .metrics import erf_metrics, replknet_transform
@@ -740,7 +741,7 @@ def compute_erf(
             model is restored afterwards; the map differs only by float rounding; see
             :mod:`erf_lab._fold` for the pairs left alone).
         backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
-        progress: tqdm bar (on rank 0).
+        progress: a progress bar on a terminal, one line when done otherwise (on rank 0; :mod:`erf_lab._progress`).
         distributed: shard images over a torch.distributed group and all-reduce (default: when
             a group is initialised, e.g. under torchrun).
 
@@ -849,10 +850,7 @@ def compute_erf(
         n_u = len(geo.units)
         acc = torch.zeros(n_u, *hw, dtype=torch.float64, device=device)
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # used, skipped
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(my_indices), desc="ERF", unit="img",
-                   disable=not progress or not _dist.is_main())
+        bar = progress_bar(total=len(my_indices), desc="ERF", unit="img", enabled=progress and _dist.is_main())
         def batch_for(window: Optional[Tuple[int, int, int, int]]) -> int:
             if batch_size != "auto":
                 return int(batch_size)

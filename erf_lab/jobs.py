@@ -2,6 +2,7 @@
 
 The CLI parses flags and prints; these functions load, compute and write (atomically).
 """
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -14,7 +15,7 @@ from . import distributed as _dist
 from .checkpoint import LoadedModel, build_arch, load_model
 from .errors import ErfLabError
 
-__all__ = ["parse_size", "parse_unit", "run_erf", "rf_table", "layers_table", "model_for"]
+__all__ = ["parse_size", "parse_unit", "run_erf", "rf_table", "layers_table", "model_for", "input_size_for", "output_folder"]
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -54,12 +55,24 @@ def model_for(model_path: Optional[str], arch: Optional[str], trust: bool) -> Lo
     raise ErfLabError("give --model PATH (or --arch NAME for an untrained architecture)")
 
 
-def _input_size(lm: LoadedModel, image_size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+def input_size_for(lm: LoadedModel, image_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int, int]:
+    """(C, H, W) a command feeds the model: ``image_size`` if given, else the checkpoint's input size,
+    the size a fixed-size model requires (:func:`erf_lab.layers.expected_input_size`), timm's
+    ``pretrained_cfg["input_size"]``, else 224."""
+    from .layers import expected_input_size
+
     c = lm.in_channels
     if image_size is not None:
         return (c,) + tuple(image_size)
     if lm.input_size is not None:
         return lm.input_size
+    fixed = expected_input_size(lm.model)
+    if fixed is not None:
+        return (c,) + tuple(fixed)
+    cfg = getattr(lm.model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3:
+        return (c, int(size[1]), int(size[2]))
     return (c, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
 
 
@@ -83,12 +96,13 @@ def _load_image(path: str, size: Tuple[int, int], channels: int, meta: Dict[str,
     return x, arr
 
 
-def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int):
+def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int,
+                  skip_bad: bool = False):
     from .data import open_data
 
     explicit = spec is not None
     spec = spec or lm.meta.get("data_spec") or "digits-ms"
-    kwargs = dict(split="test", image_size=size, channels=channels, seed=seed)
+    kwargs = dict(split="test", image_size=size, channels=channels, seed=seed, skip_bad=skip_bad)
     if spec == "noise":
         kwargs["num_images"] = num_images
     try:
@@ -117,14 +131,43 @@ def run_erf(
     seed: int = 0,
     out: str = "results/erf",
     progress: bool = True,
+    skip_bad: bool = False,
     **options: Any,
 ):
     """``erf-lab erf``: load the model, compute its ERF, write ``out/erf.{npz,json,png}``.
 
-    Nothing is written unless the model loads and the ERF is computed. Under torchrun every
-    rank computes its shard and rank 0 writes. Returns the :class:`~erf_lab.erf.ERFResult`
-    (a list for several units).
+    ``out`` is checked to be a writable folder before any work. Nothing is written unless the model
+    loads and the ERF is computed. Under torchrun every rank computes its shard and rank 0 writes.
+    Returns the :class:`~erf_lab.erf.ERFResult` (a list for several units).
     """
+    with output_folder(out, check=_dist.is_main()):
+        return _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, image_size, batch_size,
+                        device, seed, out, progress, skip_bad, options)
+
+
+@contextlib.contextmanager
+def output_folder(out: Union[str, Path], check: bool = True):
+    """Checks that ``out`` can be written (:func:`erf_lab._io.check_output_dir`) before the work in the
+    block; when the block fails, a folder this call created is removed again if it is still empty."""
+    from ._io import check_output_dir
+
+    created = check and not Path(out).exists()
+    if check:
+        check_output_dir(out)
+    try:
+        yield Path(out)
+    except BaseException:
+        if created:
+            try:
+                if Path(out).is_dir() and not any(Path(out).iterdir()):
+                    Path(out).rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, image_size, batch_size, device, seed,
+             out, progress, skip_bad, options):
     from .erf import compute_erf, instance_erf
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +180,7 @@ def run_erf(
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     lm = load_model(model, arch=arch, trust=trust)
     size = parse_size(image_size)
-    c, h, w = _input_size(lm, size)
+    c, h, w = input_size_for(lm, size)
     units = parse_unit(unit)
     common = dict(layer=layer, unit=units, preset=preset, device=device, seed=seed, **options)
     ds = None
@@ -146,7 +189,7 @@ def run_erf(
         result = instance_erf(lm.model, x, display_image=display, **common)
     else:
         ds = _open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
-                           c, num_images, seed)
+                           c, num_images, seed, skip_bad)
         result = compute_erf(lm.model, ds, num_images=num_images, batch_size=batch_size, progress=progress, **common)
     results = result if isinstance(result, list) else [result]
     for r in results:
@@ -170,20 +213,29 @@ def rf_table(model: nn.Module, input_size: Sequence[int]):
 
 
 def layers_table(model: nn.Module, input_size: Sequence[int]):
-    """``erf-lab layers``: every named layer with its output shape and theoretical RF size.
+    """``erf-lab layers``: every named layer with its output shape, its grid on the image (layout
+    and size, for spatial maps and token grids), the default layer of ``erf``/``tsne`` marked, and
+    the theoretical RF size.
 
     Shapes come from forward hooks on one zero image (works for any eager model); RF sizes
     from :func:`erf_lab.rf.theoretical_rf` when the model can be traced (else empty).
     """
     import pandas as pd
 
+    from .layers import default_layer, spatial_grid
+
     shapes: Dict[str, Any] = {}
+    grids: Dict[str, str] = {}
     handles = []
     named = [(n, m) for n, m in model.named_modules() if n]
+    hw = (int(input_size[-2]), int(input_size[-1]))
     for name, m in named:
         def hook(mod, inp, out, name=name):
             t = out[0] if isinstance(out, (tuple, list)) and out else out
             shapes.setdefault(name, tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(out).__name__)
+            g = spatial_grid(t, hw, model) if name not in grids else None
+            if g is not None:
+                grids[name] = f"{g.grid[0]}x{g.grid[1]} {g.layout}" + (f" +{g.prefix}" if g.prefix else "")
 
         try:
             handles.append(m.register_forward_hook(hook))
@@ -197,6 +249,10 @@ def layers_table(model: nn.Module, input_size: Sequence[int]):
     finally:
         for h in handles:
             h.remove()
+    try:
+        default = default_layer(model, torch.zeros(1, *input_size)).name
+    except ErfLabError:
+        default = None
     rf: Dict[str, Any] = {}
     try:
         df = rf_table(model, input_size)
@@ -210,6 +266,8 @@ def layers_table(model: nn.Module, input_size: Sequence[int]):
             "layer": name,
             "type": type(m).__name__,
             "output_shape": shapes.get(name, ""),
+            "grid": grids.get(name, ""),
+            "default": "*" if name == default else "",
             "rf_size": "" if r is None else (f"{r['rf_y']:g}x{r['rf_x']:g}" + (" global" if r["global"] else "")),
         })
     return pd.DataFrame(rows)

@@ -117,7 +117,7 @@ def test_pickled_module_needs_trust(tmp_path):
         (lambda c: c["state_dict"].pop("fc.weight"), r"missing keys: fc\.weight"),
         (lambda c: c["state_dict"].__setitem__("extra.w", torch.zeros(1)), r"unexpected keys: extra\.w"),
         (lambda c: c["arch_kwargs"].__setitem__("num_classes", 7), r"shape mismatch.*fc\.weight \[4, \d+\] vs \[7, \d+\]"),
-        (lambda c: c.__setitem__("arch", "no_such_net"), r"cannot build arch 'no_such_net'.*study_net"),
+        (lambda c: c.__setitem__("arch", "no_such_net"), r"unknown arch 'no_such_net'.*study_net"),
         (lambda c: c.pop("arch"), r"no 'arch'"),
     ],
 )

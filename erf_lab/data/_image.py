@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import ErfLabError
 
@@ -32,7 +31,9 @@ def filter_readable(paths: Sequence[str], skip_bad: bool, what: str) -> np.ndarr
     ``skip_bad`` (then they are dropped and counted in a warning)."""
     keep: List[int] = []
     bad: List[Tuple[str, str]] = []
-    for i, path in enumerate(tqdm(paths, desc=f"checking {what}", leave=False, disable=len(paths) < 2000)):
+    from .._progress import progress
+
+    for i, path in enumerate(progress(paths, desc=f"checking {what}", leave=False, enabled=len(paths) >= 2000)):
         reason = check_readable(path)
         if reason is None:
             keep.append(i)

@@ -51,7 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import ErfLabError
 from ._cache import cached_arrays
@@ -396,7 +395,9 @@ def generate(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1, p
     splits = {k: v for k, v in glyph_splits(labels, seed).items() if k in splits}
     out: Dict[str, np.ndarray] = {}
     total = sum(len(v) * (renders if k == "train" else EVAL_RENDERS) for k, v in splits.items())
-    bar = tqdm(total=total, desc=f"generating digits-ms:{size} (once, then cached)", disable=not progress, leave=False)
+    from .._progress import progress as progress_bar
+
+    bar = progress_bar(total=total, desc=f"generating digits-ms:{size} (once, then cached)", enabled=progress, leave=False)
     for split, idx in splits.items():
         rng = np.random.default_rng([seed, 2, ("train", "val", "test").index(split)])
         order = np.tile(idx, renders if split == "train" else EVAL_RENDERS)
