@@ -281,6 +281,7 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--out", default="results/tsne", metavar="DIR",
                    help="writes DIR/index.html, scores.csv, embedding_<model>.csv, tsne_<model>.png, report.json")
     p.add_argument("--save-features", action="store_true", help="also write DIR/features_<model>.npz")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true")
 
     def cmd_tsne(args: argparse.Namespace) -> int:
@@ -292,7 +293,7 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
             max_samples=args.max_samples, color=args.color, perplexity=args.perplexity, n_iter=args.iterations,
             pca_dim=args.pca_dim, backend=args.backend, batch_size=args.batch_size, device=args.device,
             n_jobs=args.jobs, seed=args.seed, out=args.out, save_features=args.save_features,
-            progress=not args.no_progress,
+            progress=not args.no_progress, skip_bad=args.skip_bad,
         )
         for line in result.summary():
             print(line)

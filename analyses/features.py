@@ -24,7 +24,7 @@ from torch import Tensor
 from erf_lab._hooks import get_layer, run_to_layer, select_output
 from erf_lab._progress import loader_bar
 from erf_lab.errors import ErfLabError
-from erf_lab.layers import LayerGrid, default_layer, output_module, spatial_grid, to_nchw
+from erf_lab.layers import LayerGrid, check_input_size, default_layer, output_module, spatial_grid, to_nchw
 
 from ._io import PathLike, atomic_write, dumps, versions, write_text
 
@@ -141,6 +141,17 @@ def resolve_layer_grid(model: nn.Module, layer: Optional[str], example: Tensor) 
             spatial map or token grid.
     """
     hw = (int(example.shape[-2]), int(example.shape[-1]))
+    check_input_size(model, hw)
+    try:
+        return _resolve_layer_grid(model, layer, example, hw)
+    except ErfLabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model refused the input: one line, not its traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ErfLabError(f"the model does not run on a {hw[0]}x{hw[1]} input ({type(exc).__name__}: {first})") from exc
+
+
+def _resolve_layer_grid(model: nn.Module, layer: Optional[str], example: Tensor, hw) -> Tuple[str, nn.Module, LayerGrid]:
     if layer in (None, ""):
         chosen = default_layer(model, example)
         name = chosen.name if chosen.name is not None else output_module(model, example)

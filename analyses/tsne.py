@@ -259,6 +259,7 @@ def run_tsne(
     out: Optional[PathLike] = None,
     save_features: bool = False,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> TSNEResult:
     """Features, t-SNE and scores of each model on the same samples; saved to ``out`` when given.
 
@@ -281,6 +282,7 @@ def run_tsne(
         out: directory for the report files (nothing is written when None).
         save_features: also write ``features_<model>.npz`` (+ ``.json``) into ``out``.
         progress: a bar per stage on a terminal, else one line per stage (see :mod:`erf_lab._progress`).
+        skip_bad: skip undecodable images of a folder or COCO data set (counted) instead of failing.
 
     Returns:
         :class:`TSNEResult`.
@@ -292,6 +294,7 @@ def run_tsne(
 
     from erf_lab.checkpoint import LoadedModel, infer_input_channels, load_model
     from erf_lab.data import open_data
+    from erf_lab.layers import expected_input_size
 
     from .embedding import embed, min_samples_for
     from .features import extract_features
@@ -340,10 +343,10 @@ def run_tsne(
     for name, lm, lay in zip(model_names, loaded, layers):
         t0 = time.perf_counter()
         channels = lm.in_channels if hasattr(lm, "in_channels") else infer_input_channels(lm.model)
-        hw = tuple(image_size) if image_size else (tuple(lm.input_size[1:]) if lm.input_size else None)
+        hw = tuple(image_size) if image_size else (tuple(lm.input_size[1:]) if lm.input_size else expected_input_size(lm.model))
         key = (hw, channels)
         if key not in datasets:
-            datasets[key] = open_data(spec, split=split, image_size=hw, channels=channels, seed=seed)
+            datasets[key] = open_data(spec, split=split, image_size=hw, channels=channels, seed=seed, skip_bad=skip_bad)
         ds = datasets[key]
         if first_ds is None:
             first_ds = ds

@@ -34,7 +34,7 @@ from ._hooks import get_layer, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
 from ._progress import progress as progress_bar
 from .errors import ErfLabError
-from .layers import LayerGrid, default_layer, expected_input_size, output_grid, probe_size, spatial_grid
+from .layers import LayerGrid, check_input_size, default_layer, output_grid, probe_size, spatial_grid
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
 
@@ -582,12 +582,7 @@ def _check_input(model: nn.Module, x: Tensor) -> bool:
     if c is not None and int(x.shape[1]) != c:
         raise ErfLabError(f"the images have {int(x.shape[1])} channel(s) but the model's first layer takes {c}: "
                           f"convert the images (e.g. open the data with channels={c})")
-    want = expected_input_size(model)
-    hw = (int(x.shape[-2]), int(x.shape[-1]))
-    if want is not None and hw != tuple(want):
-        raise ErfLabError(f"this model takes {want[0]}x{want[1]} inputs only, the images are {hw[0]}x{hw[1]}: "
-                          f"use image size {want[0]}" + ("" if want[0] == want[1] else f",{want[1]}"))
-    return want is not None
+    return check_input_size(model, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def _activation_bytes(model: nn.Module, x: Tensor, layer: Optional[str]) -> int:

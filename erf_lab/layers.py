@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import ErfLabError
 
 __all__ = ["LAYOUTS", "LayerGrid", "DefaultLayer", "spatial_grid", "output_grid", "to_nchw", "default_layer",
-           "expected_input_size", "probe_size", "output_module"]
+           "expected_input_size", "probe_size", "output_module", "check_input_size"]
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 MAX_PREFIX_TOKENS = 8
@@ -245,6 +245,16 @@ def expected_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     if isinstance(size, int) and type(model).__name__ == "VisionTransformer":  # torchvision
         return size, size
     return None
+
+
+def check_input_size(model: nn.Module, hw: Tuple[int, int]) -> bool:
+    """One-line error when a fixed-size model (:func:`expected_input_size`) is given another size;
+    True when the model takes one size only."""
+    want = expected_input_size(model)
+    if want is not None and tuple(hw) != tuple(want):
+        raise ErfLabError(f"this model takes {want[0]}x{want[1]} inputs only, the images are {hw[0]}x{hw[1]}: "
+                          f"use image size {want[0]}" + ("" if want[0] == want[1] else f",{want[1]}"))
+    return want is not None
 
 
 def probe_size(model: nn.Module, hw: Tuple[int, int], longest: int = 256) -> Tuple[int, int]:

@@ -38,7 +38,7 @@ def filter_readable(paths: Sequence[str], skip_bad: bool, what: str) -> np.ndarr
         if reason is None:
             keep.append(i)
         elif not skip_bad:
-            raise ErfLabError(f"{path}: cannot decode the image ({reason}); fix or remove it, or pass --skip-bad")
+            raise ErfLabError(f"{path}: cannot decode the image ({reason}); fix or remove it (erf, tsne and train skip such files with --skip-bad)")
         else:
             bad.append((path, reason))
     if bad:
@@ -58,7 +58,7 @@ def load_image(path: str, channels: int) -> Image.Image:
         raise ErfLabError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise ErfLabError(f"{path}: cannot decode the image ({reason}); fix or remove it, or pass --skip-bad") from None
+        raise ErfLabError(f"{path}: cannot decode the image ({reason}); fix or remove it (erf, tsne and train skip such files with --skip-bad)") from None
 
 
 def to_tensor(image: Image.Image, size: Tuple[int, int]) -> Tensor:
