@@ -18,6 +18,11 @@ integer coordinates, the image spanning ``[-0.5, H - 0.5]``):
   ``ceil(offset_clip)`` pixels per side when clipped; ``DeformKernelConv2d`` likewise;
 * global pooling, ``Linear`` after a flatten, attention, routing of CondConv and global DK
   (global average pool) make the output depend on the whole image: ``global = True``.
+
+Graphs of aten ops (a ``torch.export`` program loaded as :class:`erf_lab.checkpoint.ExportedModule`,
+whose unflattened submodules run ``torch.ops.aten.*``) follow the same rules op by op (conv,
+pooling, padding, reductions, norms, linear/attention, ``dk_ops::deform_kernel_conv2d``); an op
+without a rule that changes the grid is reported (``global``, with a note), never taken as 1x1.
 """
 import itertools
 import math
@@ -183,6 +188,155 @@ def _pad(rf: LayerRF, padding) -> LayerRF:
                    x=replace(rf.x, center0=rf.x.center0 - left * rf.x.jump))
 
 
+def _op_name(target: Any) -> str:
+    """``"aten::conv2d"`` for an ``OpOverload`` (``torch.ops.aten.conv2d.default``), else ""."""
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None and isinstance(getattr(schema, "name", None), str) else ""
+
+
+def _op_args(node: fx.Node) -> Dict[str, Any]:
+    """The call's arguments by schema name, defaults filled in."""
+    out: Dict[str, Any] = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not a.kwarg_only:
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
+def _pair2(v: Any) -> Tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    return (v, v)
+
+
+def _out_hw(node: fx.Node) -> Optional[Tuple[int, int]]:
+    """(H, W) of a node's (first) 4-D output, tuple outputs included (``max_pool2d_with_indices``)."""
+    meta = node.meta.get("tensor_meta")
+    if not hasattr(meta, "shape") and isinstance(meta, (tuple, list)) and meta:  # TensorMetadata is a tuple too
+        meta = meta[0]
+    shape = tuple(getattr(meta, "shape", ()))
+    return (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
+
+
+_OP_CONVS = {"aten::conv2d", "aten::convolution", "aten::_convolution", "aten::cudnn_convolution",
+             "aten::mkldnn_convolution", "aten::_conv_depthwise2d"}
+_OP_POOLS = {"aten::max_pool2d", "aten::max_pool2d_with_indices", "aten::avg_pool2d", "aten::mkldnn_max_pool2d"}
+_OP_ADAPTIVE = {"aten::adaptive_avg_pool2d", "aten::_adaptive_avg_pool2d", "aten::adaptive_max_pool2d"}
+_OP_PADS = {"aten::pad", "aten::constant_pad_nd", "aten::reflection_pad2d", "aten::replication_pad2d",
+            "aten::_pad_circular"}
+_OP_REDUCTIONS = {"aten::mean", "aten::sum", "aten::amax", "aten::amin", "aten::max", "aten::min", "aten::std",
+                  "aten::var", "aten::logsumexp", "aten::prod", "aten::norm", "aten::linalg_vector_norm",
+                  "aten::std_mean", "aten::var_mean", "aten::nansum", "aten::nanmean"}
+_OP_BATCH_NORMS = {"aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
+                   "aten::_native_batch_norm_legit_functional", "aten::cudnn_batch_norm", "aten::miopen_batch_norm"}
+_OP_MIXING = {
+    "aten::linear": "linear", "aten::addmm": "linear", "aten::mm": "linear",
+    "aten::matmul": "matmul", "aten::bmm": "matmul", "aten::baddbmm": "matmul",
+    "aten::scaled_dot_product_attention": "attention", "aten::_scaled_dot_product_flash_attention": "attention",
+    "aten::_scaled_dot_product_efficient_attention": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::_native_multi_head_attention": "attention",
+}
+
+
+def _op_rule(node: fx.Node, rf_of: Dict[fx.Node, Optional[LayerRF]], first: LayerRF, in_hw,
+             out_hw) -> Tuple[LayerRF, bool]:
+    """(field after the aten / dk_ops op call ``node``, handled?): the op twins of the module and
+    ``F.*`` rules, for graphs of ops (unflattened ``torch.export`` programs). Unhandled ops fall
+    back to the generic rules (merge, pointwise when the grid is kept, else reported)."""
+    name = _op_name(node.target)
+    a = _op_args(node)
+
+    def field(key: str) -> Optional[LayerRF]:
+        v = a.get(key)
+        return rf_of.get(v) if isinstance(v, fx.Node) else None
+
+    def others(*keys: str) -> List[LayerRF]:  # image-dependent fields of the op's other tensor arguments
+        return [r for r in (field(k) for k in keys) if r is not None]
+
+    arg0 = a.get(next(iter(a), ""))  # the op's (first) input
+    src = (rf_of.get(arg0) if isinstance(arg0, fx.Node) else None) or first
+    src_hw = src.shape[1:] if src.spatial else in_hw
+    if name in _OP_CONVS:
+        w = _spatial_shape(a["weight"]) if isinstance(a.get("weight"), fx.Node) else None
+        if w is None or a.get("transposed"):
+            return _as_global(src, f"{name[6:]}: {'transposed ' if w else 'non-2-D '}convolution not modelled"), True
+        k, d = w[1:], _pair2(a.get("dilation", 1))
+        pad = a.get("padding", 0)
+        if isinstance(pad, str):
+            pad = tuple(d[i] * (k[i] - 1) // 2 for i in range(2)) if pad == "same" else (0, 0)
+        out = _window(src, k, _pair2(a.get("stride", 1)), _pair2(pad), d)
+        if others("weight", "bias"):
+            out = _as_global(out, "convolution weights computed from the input (dynamic routing)")
+        return out, True
+    if name in _OP_POOLS:
+        k = _pair2(a["kernel_size"])
+        s = a.get("stride") or k
+        return _window(src, k, _pair2(s), _pair2(a.get("padding", 0)), _pair2(a.get("dilation", 1))), True
+    if name in _OP_ADAPTIVE:
+        hw = _out_hw(node)
+        return (_adaptive(src, src_hw, hw), True) if hw is not None and src_hw is not None else (src, False)
+    if name in _OP_PADS:
+        pads = a.get("pad", a.get("padding"))
+        if (isinstance(pads, (list, tuple)) and len(pads) >= 2 and len(pads) % 2 == 0
+                and all(isinstance(v, int) for v in pads)):
+            return _pad(src, tuple(pads[:4])), True
+        return src, False
+    if name == "dk_ops::deform_kernel_conv2d":
+        out = _window(src, (a["kernel_h"], a["kernel_w"]), (a["stride_h"], a["stride_w"]), (a["pad_h"], a["pad_w"]),
+                      (a["dilation_h"], a["dilation_w"]))
+        if isinstance(a.get("offset"), fx.Node):  # image offsets (DCN): reads anywhere
+            out = replace(out, y=replace(out.y, size=INF), x=replace(out.x, size=INF),
+                          notes=out.notes + ("deform_kernel_conv2d: image offsets unbounded",))
+        # Kernel offsets / mask / weights computed from the image: local ones (DK's offset conv has the
+        # layer's own window) keep the field, globally routed ones (DK global) make it global.
+        extra = others("kernel_offset", "offset", "mask", "weight", "bias")
+        return (_union([out] + extra) if extra else out), True
+    if name in _OP_REDUCTIONS:
+        rank = len(getattr(arg0.meta.get("tensor_meta"), "shape", ())) if isinstance(arg0, fx.Node) else 0
+        schema_args = node.target._schema.arguments
+        if any(x.name == "dim" for x in schema_args):
+            dims = a.get("dim")
+        elif sum(str(x.type).startswith("Tensor") for x in schema_args) == 1:
+            dims = None  # a full reduction (mean.default, max.default)
+        else:
+            return src, False  # max.other & co. are elementwise
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        axes = {d % rank for d in dims if isinstance(d, int)} if rank else set()
+        if not dims or (rank == 4 and {2, 3} <= axes):
+            return _as_global(src, "global pooling"), True
+        if rank == 4 and axes & {2, 3}:
+            return _as_global(src, f"{name[6:]} over a spatial axis"), True
+        return src, False
+    if name in _OP_BATCH_NORMS:
+        if a.get("training") is True:
+            return _as_global(src, "batch_norm with batch statistics (exported in training mode)"), True
+        return src, False
+    if name == "aten::instance_norm" and a.get("use_input_stats", True):
+        return _as_global(src, "instance_norm normalises with per-image statistics"), True
+    if name in ("aten::group_norm", "aten::native_group_norm"):
+        return _as_global(src, f"{name[6:]} normalises with statistics over the whole map"), True
+    if name in ("aten::layer_norm", "aten::native_layer_norm"):
+        shape = a.get("normalized_shape") or []
+        if src.spatial and src_hw is not None and len(shape) >= 1 and shape[-1] == src_hw[1]:
+            return _as_global(src, f"{name[6:]} normalises with statistics over the spatial axes"), True
+        return src, False
+    if name in _OP_MIXING:
+        return _as_global(src, f"{_OP_MIXING[name]} mixes all positions"), True
+    return src, False
+
+
+def _target_name(target: Any) -> str:
+    """A readable op name for notes: ``flatten`` for ``aten.flatten.using_ints``, ``dk_ops::x`` for custom ops."""
+    name = _op_name(target)
+    if name:
+        return name[6:] if name.startswith("aten::") else name
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def _module_rule(m: nn.Module, rf: LayerRF, in_hw, out_hw) -> Tuple[LayerRF, bool]:
     """(field after module ``m``, handled?)."""
     from dk_ops import modules as dkm
@@ -313,6 +467,8 @@ class _RFGraph:
         self.module_outputs = tracer.module_outputs
         self.module_calls = tracer.module_calls
         self.input_size = tuple(int(v) for v in input_size)
+        declared = getattr(model, "input_shape", None)  # a torch.export program's; its batch may be static
+        self.batch = declared[0] if isinstance(declared, tuple) and declared and isinstance(declared[0], int) else 1
         self._propagate_shapes()
         self.rf: Dict[fx.Node, LayerRF] = {}
         self._propagate_rf()
@@ -328,11 +484,12 @@ class _RFGraph:
 
             state = {k: v.to("meta") for k, v in itertools.chain(self.gm.named_parameters(), self.gm.named_buffers())}
             with _reparametrize_module(self.gm, state), torch.no_grad():
-                _ShapeRecorder(self.gm, shortcut=True).run(torch.empty(1, *self.input_size, dtype=dtype, device="meta"))
+                x = torch.empty(self.batch, *self.input_size, dtype=dtype, device="meta")
+                _ShapeRecorder(self.gm, shortcut=True).run(x)
             return
         except Exception:  # noqa: BLE001 - an op without a meta kernel, or a non-parameter tensor attribute
             pass
-        example = torch.zeros(1, *self.input_size, dtype=dtype, device=device)
+        example = torch.zeros(self.batch, *self.input_size, dtype=dtype, device=device)
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -396,6 +553,10 @@ class _RFGraph:
                 out, handled = _pad(first, _pads(node)), True
             elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCS and out_hw is not None:
                 out, handled = _adaptive(first, in_hw, out_hw), True
+            elif node.op == "call_function" and _op_name(node.target):
+                out, handled = _op_rule(node, self.rf, first, in_hw, out_hw)
+                if not handled and len(ins) > 1:  # add, mul, cat, where...: a merge
+                    out, handled = _union([self.rf[a] for a in ins]), True
             elif len(ins) > 1:
                 out, handled = _union([self.rf[a] for a in ins]), True
             if not handled:
@@ -404,12 +565,16 @@ class _RFGraph:
                     out = first
                 elif node.op == "call_function" and node.target is operator.getitem:
                     out = first
+                elif (_op_name(node.target) and first.spatial and not _is_tensor_node(node)
+                      and _out_hw(node) == tuple(first.shape[1:])):
+                    out = first  # an op with several outputs (native batch norm...) that keeps the grid
                 elif shape is None and not _is_tensor_node(node):
                     self.rf[node] = None if node.op != "call_function" or node.target is not operator.getitem else first
                     continue
+                elif first.global_ and not first.spatial:  # already global, no grid left to change
+                    out = first
                 else:
-                    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-                    out = _as_global(first, f"{name} changes the spatial grid")
+                    out = _as_global(first, f"{_target_name(node.target)} changes the spatial grid")
             if shape is not None:
                 out = replace(out, shape=shape)
             elif _is_tensor_node(node):
@@ -482,7 +647,7 @@ def theoretical_rf(model: nn.Module, input_size: Sequence[int]) -> "pandas.DataF
             rf = g.of(None if name == "(output)" else name)
         except ErfLabError:
             continue
-        kind = "" if name == "(output)" else type(modules[name]).__name__
+        kind = "" if name == "(output)" else _type_name(modules[name])
         rows.append(
             {
                 "layer": name,
@@ -502,6 +667,13 @@ def theoretical_rf(model: nn.Module, input_size: Sequence[int]) -> "pandas.DataF
             }
         )
     return pd.DataFrame(rows)
+
+
+def _type_name(m: nn.Module) -> str:
+    """The class name; for a ``torch.export.unflatten`` module the eager module's (``Conv2d``)."""
+    unflattened = type(m).__module__ == "torch.export.unflatten" and callable(getattr(m, "type_name", None))
+    eager = m.type_name() if unflattened else None
+    return eager.rsplit(".", 1)[-1] if isinstance(eager, str) and eager else type(m).__name__
 
 
 def _order(order: Dict[fx.Node, int], out: Any) -> int:
