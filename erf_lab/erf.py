@@ -38,7 +38,7 @@ from .layers import LayerGrid, check_input_size, default_layer, output_grid, pro
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
 
-__all__ = ["compute_erf", "auto_batch_size", "ERFResult", "PRESETS", "ERFOptions"]
+__all__ = ["compute_erf", "auto_batch_size", "check_memory", "ERFResult", "PRESETS", "ERFOptions"]
 
 _UNSET: Any = object()
 
@@ -634,6 +634,32 @@ def _plan_layer(model: nn.Module, x_first: Tensor, layer: Optional[str], output_
     scale = (hw[0] * hw[1]) / float(ph * pw)
     # forward activations kept for the backward, their gradients, and the input with its gradient
     return layer, note, int(2 * act * scale + 2 * x_first[0].numel() * x_first.element_size())
+
+
+def check_memory(model: nn.Module, input_size: Sequence[int], layer: Optional[str] = None,
+                 device: Union[str, torch.device, None] = None) -> int:
+    """Estimated bytes of one image's forward and backward up to ``layer`` at ``input_size`` (C, H, W),
+    from a forward on a small probe (no image of the full size is allocated). Raises a one-line
+    :class:`ErfLabError` when that does not fit in the memory available on ``device``."""
+    c, h, w = (int(v) for v in input_size)
+    p = next(iter(model.parameters()), None)
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    ph, pw = probe_size(model, (h, w))
+    if (ph, pw) == (h, w):
+        return 0
+    dtype = _model_dtype(model)
+    probe = torch.zeros(1, c, ph, pw, dtype=dtype, device=p.device if p is not None else "cpu")
+    try:
+        if layer in (None, ""):
+            layer = default_layer(model, probe).name
+        act = _activation_bytes(model, probe, layer)
+    except ErfLabError:
+        raise
+    except Exception:  # noqa: BLE001 - the model refuses the probe: the engine reports it on the real input
+        return 0
+    need = int(2 * act * (h * w) / float(ph * pw) + 2 * c * h * w * probe.element_size())
+    _images_that_fit(need, device)
+    return need
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:

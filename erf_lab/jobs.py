@@ -168,7 +168,7 @@ def output_folder(out: Union[str, Path], check: bool = True):
 
 def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, image_size, batch_size, device, seed,
              out, progress, skip_bad, options):
-    from .erf import compute_erf, instance_erf
+    from .erf import check_memory, compute_erf, instance_erf
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -182,6 +182,7 @@ def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, i
     size = parse_size(image_size)
     c, h, w = input_size_for(lm, size)
     units = parse_unit(unit)
+    check_memory(lm.model, (c, h, w), layer, device)  # before any image of that size exists
     common = dict(layer=layer, unit=units, preset=preset, device=device, seed=seed, **options)
     ds = None
     if image is not None:
