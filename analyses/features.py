@@ -24,7 +24,7 @@ from torch import Tensor
 from erf_lab._hooks import get_layer, run_to_layer, select_output
 from erf_lab._progress import loader_bar
 from erf_lab.errors import ErfLabError
-from erf_lab.layers import LayerGrid, check_input_size, default_layer, output_module, spatial_grid, to_nchw
+from erf_lab.layers import LayerGrid, check_input_size, default_layer, output_module, spatial_grid, static_batch, to_nchw
 
 from ._io import PathLike, atomic_write, dumps, versions, write_text
 
@@ -368,6 +368,7 @@ def extract_features(
     if pooling == "box":
         mapping = feature_grid_mapping(net, layer_name, (int(example.shape[1]),) + image_hw, map_hw)
 
+    batch_size = static_batch(net) or batch_size  # a torch.export program with a static batch of 1
     loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
     chunks: List[np.ndarray] = []
     labels, bins, indices, boxes = [], [], [], []

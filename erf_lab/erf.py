@@ -34,7 +34,7 @@ from ._hooks import get_layer, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
 from ._progress import progress as progress_bar
 from .errors import ErfLabError
-from .layers import LayerGrid, check_input_size, default_layer, output_grid, probe_size, spatial_grid
+from .layers import LayerGrid, check_input_size, default_layer, output_grid, probe_size, spatial_grid, static_batch
 from .metrics import erf_metrics, replknet_transform
 from ._io import atomic_write
 
@@ -841,6 +841,10 @@ def compute_erf(
         layer, layer_note, per_image_bytes = _plan_layer(model, x_first, layer, output_index)
         geo = _geometry(model, layer, output_index, layout, prefix_tokens, unit, x_first[0])
         memory_cap = _images_that_fit(per_image_bytes, device)
+        one_at_a_time = static_batch(model)  # a torch.export program with a static batch of 1
+        if one_at_a_time and len(geo.units) > 1:
+            raise ErfLabError("a torch.export program with a static batch of 1 takes one unit per run; "
+                              "re-export it with a dynamic batch dimension for several units")
         if fixed:
             crop = False  # a crop is an input of another size, which a fixed-size model refuses
         n_folded = 0
@@ -873,6 +877,8 @@ def compute_erf(
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # used, skipped
         bar = progress_bar(total=len(my_indices), desc="ERF", unit="img", enabled=progress and _dist.is_main())
         def batch_for(window: Optional[Tuple[int, int, int, int]]) -> int:
+            if one_at_a_time:
+                return 1
             if batch_size != "auto":
                 return int(batch_size)
             auto = auto_batch_size(device, (window[2] - window[0], window[3] - window[1]) if window is not None else hw)

@@ -265,13 +265,19 @@ def layers_table(model: nn.Module, input_size: Sequence[int]):
         r = rf.get(name)
         rows.append({
             "layer": name,
-            "type": type(m).__name__,
+            "type": _type_name(m),
             "output_shape": shapes.get(name, ""),
             "grid": grids.get(name, ""),
             "default": "*" if name == default else "",
             "rf_size": "" if r is None else (f"{r['rf_y']:g}x{r['rf_x']:g}" + (" global" if r["global"] else "")),
         })
     return pd.DataFrame(rows)
+
+
+def _type_name(m: nn.Module) -> str:
+    """The eager class name, also for a torch.export program's InterpreterModules (``type_name()``)."""
+    name = m.type_name() if callable(getattr(m, "type_name", None)) else None
+    return str(name).rsplit(".", 1)[-1] if name else type(m).__name__
 
 
 def write_csv(df, path: Union[str, Path]) -> Path:

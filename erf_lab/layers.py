@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import ErfLabError
 
 __all__ = ["LAYOUTS", "LayerGrid", "DefaultLayer", "spatial_grid", "output_grid", "to_nchw", "default_layer",
-           "expected_input_size", "probe_size", "output_module", "check_input_size"]
+           "expected_input_size", "probe_size", "output_module", "check_input_size", "static_batch"]
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 MAX_PREFIX_TOKENS = 8
@@ -244,6 +244,18 @@ def expected_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     size = getattr(model, "image_size", None)
     if isinstance(size, int) and type(model).__name__ == "VisionTransformer":  # torchvision
         return size, size
+    return None
+
+
+def static_batch(model: nn.Module) -> Optional[int]:
+    """The batch size a torch.export program was exported with when that dimension is static (its
+    ``input_shape``), else None. Only a static batch of 1 can be analysed (one-line error otherwise)."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], int):
+        if shape[0] != 1:
+            raise ErfLabError(f"the torch.export program takes a static batch of {shape[0]} images; re-export it "
+                              "with batch 1 or a dynamic batch dimension (torch.export.Dim)")
+        return 1
     return None
 
 

@@ -604,6 +604,9 @@ class _RFGraph:
 
 def trace_rf(model: nn.Module, input_size: Sequence[int]) -> _RFGraph:
     """Traces ``model`` and returns the per-node receptive fields (``.of(layer)`` gives one layer's)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ErfLabError("a TorchScript model has no theoretical RF here (torch.fx cannot trace TorchScript): "
+                          "use the eager checkpoint or a torch.export program (.pt2)")
     return _RFGraph(model, tuple(input_size))
 
 
