@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -794,6 +795,7 @@ def compute_erf(
 
         data = open_data(str(data), split="test", seed=seed, image_size=image_size, channels=_model_channels(model) or 3,
                          **({"num_images": num_images} if str(data) == "noise" and num_images else {}))
+    t_start = time.perf_counter()
     source = _Source(data)
     indices = _select(source, num_images, sampling, seed)
     use_dist = _dist.is_active() if distributed is None else bool(distributed and _dist.is_active())
@@ -885,11 +887,15 @@ def compute_erf(
             return max(1, min(auto, memory_cap))
 
         pos, batch_used = 0, 0
+        t_pass = time.perf_counter()
         while pos < len(my_indices):
             ids = my_indices[pos : pos + batch_for(window)]
             # the first batch keeps whole images: the check needs a margin around the crop, and a fallback the image
             pre_cropped = not verify and window is not None
-            x_full = load(ids, window if pre_cropped else None)
+            if pos == 0 and not pre_cropped and my_indices[:1] == indices[:1]:  # the first image is loaded already
+                x_full = x_first if len(ids) == 1 else torch.cat([x_first, load(ids[1:])])
+            else:
+                x_full = load(ids, window if pre_cropped else None)
             while True:
                 engine.origin = (window[0], window[1]) if window is not None else (0, 0)
                 x = x_full if window is None or pre_cropped else x_full[:, :, window[0] : window[2], window[1] : window[3]]
@@ -947,6 +953,7 @@ def compute_erf(
             batch_used = max(batch_used, b)
             bar.update(b)
         bar.close()
+        t_done = time.perf_counter()
         if use_dist:
             _dist.all_reduce_sum(acc)
             _dist.all_reduce_sum(counts)
@@ -996,6 +1003,8 @@ def compute_erf(
             "dtype": str(dtype).replace("torch.", ""),
             "world_size": _dist.rank_world()[1] if use_dist else 1,
             "versions": _versions(),
+            # preparation (default layer, geometry, BN folding) and the batched passes (incl. the check)
+            "seconds": {"prepare": t_pass - t_start, "passes": t_done - t_pass},
         }
         results.append(ERFResult(mean[k], used, skipped, meta))
     return results[0] if isinstance(unit, str) or (unit and not isinstance(list(unit)[0], (tuple, list))) else results

@@ -8,7 +8,17 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-__all__ = ["plot_erf", "save_erf_figure"]
+__all__ = ["plot_erf", "save_erf_figure", "MAX_DRAWN_PIXELS"]
+
+#: Longest side drawn at full resolution; larger maps are drawn from block means.
+MAX_DRAWN_PIXELS = 1024
+
+
+def _block_mean(m: np.ndarray, f: int) -> np.ndarray:
+    h, w = m.shape
+    p = np.full((-(-h // f) * f, -(-w // f) * f), np.nan)
+    p[:h, :w] = m
+    return np.nanmean(p.reshape(p.shape[0] // f, f, p.shape[1] // f, f), axis=(1, 3))
 
 
 def plot_erf(
@@ -34,12 +44,18 @@ def plot_erf(
         _, ax = plt.subplots(figsize=(5, 4.5))
     data = result.display() if normalize == "preset" else result.display(normalize)
     h, w = data.shape
+    # Maps larger than any screen are drawn from their means over f x f blocks (what the figure's
+    # resampling would show anyway), in the map's own pixel coordinates.
+    f = max(1, math.ceil(max(h, w) / MAX_DRAWN_PIXELS))
+    shown = data if f == 1 else _block_mean(data, f)
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5) if f > 1 else None
     if overlay and result.image is not None:
         img = np.asarray(result.image)
-        ax.imshow(img if img.ndim == 3 and img.shape[-1] == 3 else img.squeeze(), cmap=None if img.ndim == 3 and img.shape[-1] == 3 else "gray")
-        im = ax.imshow(data, cmap=cmap, alpha=alpha)
+        ax.imshow(img if img.ndim == 3 and img.shape[-1] == 3 else img.squeeze(), cmap=None if img.ndim == 3 and img.shape[-1] == 3 else "gray",
+                  extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        im = ax.imshow(shown, cmap=cmap, alpha=alpha, extent=extent)
     else:
-        im = ax.imshow(data, cmap=cmap)
+        im = ax.imshow(shown, cmap=cmap, extent=extent)
     cy, cx = result.center
     if mark_center:
         ax.plot([cx], [cy], marker="+", color="red", markersize=12, mew=2, label="RF centre")
@@ -63,7 +79,7 @@ def save_erf_figure(result: Any, path: Union[str, Path], **kwargs) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .erf import atomic_write
+    from ._io import atomic_write
 
     # A standalone Agg figure: no pyplot state, the user's backend is left alone.
     fig = Figure(figsize=(5, 4.5))

@@ -15,6 +15,7 @@ __all__ = [
     "luo_size",
     "second_moments",
     "gaussian_fit",
+    "area_ratios",
     "radial_mass",
     "center_of_mass",
     "peak",
@@ -52,16 +53,28 @@ def area_ratio(m: np.ndarray, t: float, center: Optional[Center] = None) -> floa
             if m[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i].sum() / total > t:
                 return (2 * i + 1) / h * (2 * i + 1) / w
         return math.nan
+    return area_ratios(m, [t], center)[t]
+
+
+def area_ratios(m: np.ndarray, thresholds: Sequence[float], center: Center) -> Dict[float, float]:
+    """:func:`area_ratio` around ``center`` for several thresholds at once (one summed-area table)."""
+    m = np.asarray(m, dtype=np.float64)
+    h, w = m.shape
+    total = m.sum()
+    if not total > 0:
+        return {t: math.nan for t in thresholds}
     cy, cx = int(round(center[0])), int(round(center[1]))
     cs = np.pad(m, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    for i in range(1, max(h, w) + 1):
-        y0, y1, x0, x1 = max(cy - i, 0), min(cy + i + 1, h), max(cx - i, 0), min(cx + i + 1, w)
-        if y1 <= y0 or x1 <= x0:
-            continue
-        s = cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]
-        if s / total > t:
-            return (2 * i + 1) ** 2 / (h * w)
-    return math.nan
+    i = np.arange(1, max(h, w) + 1)
+    y0, y1 = np.clip(cy - i, 0, h), np.clip(cy + i + 1, 0, h)
+    x0, x1 = np.clip(cx - i, 0, w), np.clip(cx + i + 1, 0, w)
+    s = cs[y1, x1] - cs[y0, x1] - cs[y1, x0] + cs[y0, x0]
+    valid = (y1 > y0) & (x1 > x0)
+    out = {}
+    for t in thresholds:
+        hit = np.nonzero(valid & (s / total > t))[0]
+        out[t] = (2 * int(i[hit[0]]) + 1) ** 2 / (h * w) if len(hit) else math.nan
+    return out
 
 
 def _bilinear(m: np.ndarray, cy: float, cx: float) -> float:
@@ -84,7 +97,8 @@ def luo_size(m: np.ndarray, center: Center) -> float:
 
 
 def _grid(shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    return np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    """Row and column coordinates, broadcastable to ``shape`` ((H, 1) and (1, W))."""
+    return (np.arange(shape[0], dtype=np.float64)[:, None], np.arange(shape[1], dtype=np.float64)[None, :])
 
 
 def second_moments(m: np.ndarray, center: Center) -> Tuple[float, float]:
@@ -218,8 +232,12 @@ def radial_mass(m: np.ndarray, center: Center, radii: Optional[Sequence[float]] 
     w = np.clip(np.asarray(m, dtype=np.float64), 0, None)
     yy, xx = _grid(w.shape)
     r = np.hypot(yy - center[0], xx - center[1]).ravel()
-    if radii is None:
-        radii = np.arange(0, math.ceil(r.max()) + 1, dtype=np.float64)
+    if radii is None:  # integer radii: r <= k exactly when ceil(r) <= k, so a histogram does it without sorting
+        k = np.ceil(r).astype(np.int64)
+        cum = np.cumsum(np.bincount(k, weights=w.ravel(), minlength=int(k.max()) + 1))
+        radii = np.arange(len(cum), dtype=np.float64)
+        total = float(w.sum())
+        return radii, (cum / total if total > 0 else np.full(len(radii), math.nan))
     radii = np.asarray(radii, dtype=np.float64)
     order = np.argsort(r)
     cum = np.concatenate([[0.0], np.cumsum(w.ravel()[order])])
@@ -248,9 +266,10 @@ def erf_metrics(
     h, w = m.shape
     disp = replknet_transform(mass)
     out: Dict[str, object] = {"center_y": float(center[0]), "center_x": float(center[1])}
+    rep, raw = area_ratios(disp, THRESHOLDS, center), area_ratios(mass, THRESHOLDS, center)
     for t in THRESHOLDS:
-        out[f"area_ratio_replknet@{t}"] = area_ratio(disp, t, center)
-        out[f"area_ratio_raw@{t}"] = area_ratio(mass, t, center)
+        out[f"area_ratio_replknet@{t}"] = rep[t]
+        out[f"area_ratio_raw@{t}"] = raw[t]
         if array_center_parity:
             out[f"area_ratio_replknet_array_center@{t}"] = area_ratio(disp, t, None)
     out["luo_size"] = luo_size(m, center)

@@ -81,3 +81,47 @@ def test_erf_metrics_keys_and_erf_trf_ratio():
     assert out["sigma_y"] == pytest.approx(3, rel=1e-3) and out["peak_offset"] == 0
     assert out["erf_trf_ratio"] == pytest.approx(out["luo_size"] / 17)
     assert out["radius_mass@0.5"] <= out["radius_mass@0.9"]
+
+
+def test_area_ratios_equal_a_loop_over_growing_squares():
+    from erf_lab.metrics import area_ratios
+
+    rng = np.random.default_rng(3)
+    m = rng.random((37, 45)) ** 4
+    center = (20.2, 11.7)
+    got = area_ratios(m, (0.2, 0.5, 0.99), center)
+    cy, cx = 20, 12
+    for t, v in got.items():
+        for i in range(1, 100):  # the definition, written out
+            s = m[max(cy - i, 0) : cy + i + 1, max(cx - i, 0) : cx + i + 1].sum()
+            if s / m.sum() > t:
+                assert v == (2 * i + 1) ** 2 / m.size
+                break
+
+
+def test_radial_mass_histogram_equals_sorting_at_integer_radii():
+    from erf_lab.metrics import radial_mass
+
+    rng = np.random.default_rng(4)
+    m = rng.standard_normal((30, 41))
+    r, frac = radial_mass(m, (12.0, 7.5))
+    yy, xx = np.mgrid[0:30, 0:41]
+    dist = np.hypot(yy - 12.0, xx - 7.5)
+    w = np.clip(m, 0, None)
+    expect = [w[dist <= k].sum() / w.sum() for k in r]
+    assert np.allclose(frac, expect, rtol=0, atol=1e-12) and frac[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sigma", [60.0, 2.5])
+def test_gaussian_fit_of_a_large_map_recovers_the_analytic_parameters(sigma):
+    """1024 px maps are fitted on block means (or, for a narrow field, a full-resolution window)."""
+    from erf_lab.metrics import gaussian_fit
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    cy, cx = 500.3, 530.8
+    m = 1.7 * np.exp(-(yy - cy) ** 2 / (2 * sigma**2) - (xx - cx) ** 2 / (2 * (1.4 * sigma) ** 2))
+    g = gaussian_fit(m, (cy, cx))
+    assert g["downsample"] == (4 if sigma > 10 else 1) and ("window" in g) == (sigma < 10)
+    assert g["sigma_y"] == pytest.approx(sigma, rel=1e-3) and g["sigma_x"] == pytest.approx(1.4 * sigma, rel=1e-3)
+    assert g["mean_y"] == pytest.approx(cy, abs=0.05) and g["mean_x"] == pytest.approx(cx, abs=0.05)
+    assert g["amplitude"] == pytest.approx(1.7, rel=1e-3)
