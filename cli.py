@@ -419,10 +419,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in _PLANNED:
             return _not_implemented(args.command)(args)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from erf_lab._io import reset_written, written_files
-    from erf_lab.errors import ErfLabError
+    from erf_lab._io import discard_created, reset_written
 
     reset_written()
+    try:
+        code = _run_command(args)
+        if code:
+            discard_created()
+        return code
+    except BaseException:
+        discard_created()  # a failed command leaves no empty output folders behind
+        raise
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The subcommand, with every user error as one line and exit 2 (``--debug``: the traceback)."""
+    from erf_lab._io import written_files
+    from erf_lab.errors import ErfLabError
+
     try:
         return args._handlers[args.command](args)
     except (ErfLabError, ValueError, FileNotFoundError) as exc:

@@ -43,6 +43,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = Fal
 
 # ---- files written so far ---------------------------------------------------------------------
 _WRITTEN: List[Path] = []
+_CREATED: List[Path] = []  # folders the output checks made, for discard_created
 _WRITTEN_KEYS: set = set()
 _WRITTEN_LOCK = threading.Lock()
 
@@ -63,10 +64,27 @@ def written_files() -> List[Path]:
 
 
 def reset_written() -> None:
-    """Forget the files recorded so far (e.g. at the start of a command)."""
+    """Forget the files and folders recorded so far (e.g. at the start of a command)."""
     with _WRITTEN_LOCK:
         _WRITTEN.clear()
         _WRITTEN_KEYS.clear()
+        _CREATED.clear()
+
+
+def discard_created() -> List[Path]:
+    """Remove the folders :func:`check_output_dir` / :func:`check_output_file` created since the last
+    :func:`reset_written` that are still empty (deepest first), so a command that failed after its
+    check leaves nothing behind. Returns the folders removed."""
+    with _WRITTEN_LOCK:
+        created, _CREATED[:] = list(_CREATED), []
+    removed = []
+    for p in reversed(created):
+        try:
+            p.rmdir()  # only succeeds on an empty folder
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 # ---- can the outputs be written? ---------------------------------------------------------------
@@ -121,6 +139,8 @@ def _check_dir(folder: Path, label: str, which: str) -> None:
                 if not p.exists():
                     p.mkdir()
                     created.append(p)
+                    with _WRITTEN_LOCK:
+                        _CREATED.append(p)
         except OSError as exc:
             _remove_dirs(created)
             raise ErfLabError(f"{label}: cannot create the folder{' ' + which if which else ''}: {_reason(exc)}") from None
