@@ -240,6 +240,38 @@ def test_engine_equals_a_per_image_loop(arch):
     assert np.abs(r.map - ref).sum() / np.abs(ref).sum() < 1e-5
 
 
+class _Features(nn.Module):
+    """The backbone of a model (``forward_features``, or torchvision's children before the pool)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model if hasattr(model, "forward_features") else nn.Sequential(*list(model.children())[:-2])
+
+    def forward(self, x):
+        return self.m.forward_features(x) if hasattr(self.m, "forward_features") else self.m(x)
+
+
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", "timm:vit_tiny_patch16_224"])
+def test_torchscript_backbone_map_equals_the_eager_default_layer(arch, files, tmp_path, capsys):
+    """TorchScript is analysed at its output: a traced backbone gives the eager model's default-layer map."""
+    side = MODELS[arch][0]
+    path = tmp_path / "backbone.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(_Features(_build(arch)), torch.randn(1, 3, side, side), check_trace=False),
+                       str(path))
+    out_dir = tmp_path / "ts"
+    code, out, err = _run(["erf", "--model", str(path), "--data", "noise", "--num-images", "2", "--image-size",
+                           str(side), "--out", str(out_dir), "--no-progress"], capsys)
+    _record(arch, "torchscript backbone", "erf", code, err)
+    assert code == 0, err
+    meta = json.loads((out_dir / "erf.json").read_text())["meta"]
+    assert tuple(meta["grid"]) == MODELS[arch][2] and meta["prefix_tokens"] == MODELS[arch][4]
+    _, _, _, ref_dir = _erf(arch, "state_dict", files, tmp_path, capsys, name="erf_ref")
+    ref, got = np.load(ref_dir / "erf.npz")["erf"], np.load(out_dir / "erf.npz")["erf"]
+    assert np.abs(got - ref).sum() / np.abs(ref).sum() < 1e-5
+
+
 def test_zz_matrix_table(capsys):
     """Prints the matrix (model x format x command) of this run."""
     with capsys.disabled():
