@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .errors import ErfLabError
 
-__all__ = ["get_layer", "run_to_layer", "select_output", "unit_activation"]
+__all__ = ["get_layer", "run_to_layer", "select_output", "unit_activation", "hook_all"]
 
 Index = Union[int, str, None]
 
@@ -74,6 +74,30 @@ def _capture(layer: nn.Module, stop: bool) -> Iterator[List[Any]]:
         yield box
     finally:
         handle.remove()
+
+
+@contextmanager
+def hook_all(model: nn.Module, fn) -> Iterator[bool]:
+    """``fn(name, module, output)`` after every named submodule's forward inside the block, the hooks
+    removed on exit (also on an error). Yields False when the model takes no Python hooks
+    (TorchScript); then nothing is hooked."""
+    handles = []
+    try:
+        for name, m in model.named_modules():
+            if not name:
+                continue
+            try:
+                handles.append(m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, mod, out)))
+            except (RuntimeError, AttributeError):  # ScriptModules take no Python hooks
+                for h in handles:
+                    h.remove()
+                handles = []
+                yield False
+                return
+        yield True
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def run_to_layer(model: nn.Module, x: Tensor, layer: Optional[nn.Module], stop: bool = True) -> Any:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as _dist
-from ._hooks import get_layer, run_to_layer, select_output, unit_activation
+from ._hooks import get_layer, hook_all, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
 from ._progress import progress as progress_bar
 from .errors import ErfLabError
@@ -589,25 +589,18 @@ def _check_input(model: nn.Module, x: Tensor) -> bool:
 def _activation_bytes(model: nn.Module, x: Tensor, layer: Optional[str]) -> int:
     """Bytes of the distinct tensors that modules output in a forward up to ``layer`` for ``x``."""
     seen, total = set(), [0]
-    handles = []
 
-    def hook(mod, inp, out):
+    def count(name, mod, out):
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 total[0] += t.numel() * t.element_size()
 
-    for name, m in model.named_modules():
-        try:
-            handles.append(m.register_forward_hook(hook))
-        except (RuntimeError, AttributeError):
+    with hook_all(model, count) as hooked:
+        if not hooked:
             return 0
-    try:
         with torch.no_grad():
             run_to_layer(model, x, get_layer(model, layer) if layer else None)
-    finally:
-        for h in handles:
-            h.remove()
     return total[0]
 
 

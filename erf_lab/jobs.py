@@ -223,33 +223,26 @@ def layers_table(model: nn.Module, input_size: Sequence[int]):
     """
     import pandas as pd
 
+    from ._hooks import hook_all
     from .layers import default_layer, spatial_grid
 
     shapes: Dict[str, Any] = {}
     grids: Dict[str, str] = {}
-    handles = []
     named = [(n, m) for n, m in model.named_modules() if n]
     hw = (int(input_size[-2]), int(input_size[-1]))
-    for name, m in named:
-        def hook(mod, inp, out, name=name):
-            t = out[0] if isinstance(out, (tuple, list)) and out else out
-            shapes.setdefault(name, tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(out).__name__)
-            g = spatial_grid(t, hw, model) if name not in grids else None
-            if g is not None:
-                grids[name] = f"{g.grid[0]}x{g.grid[1]} {g.layout}" + (f" +{g.prefix}" if g.prefix else "")
 
-        try:
-            handles.append(m.register_forward_hook(hook))
-        except (RuntimeError, AttributeError):  # ScriptModules take no Python hooks
-            pass
+    def record(name, mod, out):
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        shapes.setdefault(name, tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(out).__name__)
+        g = spatial_grid(t, hw, model) if name not in grids else None
+        if g is not None:
+            grids[name] = f"{g.grid[0]}x{g.grid[1]} {g.layout}" + (f" +{g.prefix}" if g.prefix else "")
+
     try:
-        with torch.no_grad():
+        with hook_all(model, record), torch.no_grad():  # ScriptModules take no hooks: names and types only
             model(torch.zeros(1, *input_size))
     except Exception as exc:  # noqa: BLE001 - report, do not crash
         raise ErfLabError(f"the model does not run on an input of size {list(input_size)}: {exc}".splitlines()[0]) from exc
-    finally:
-        for h in handles:
-            h.remove()
     try:
         default = default_layer(model, torch.zeros(1, *input_size)).name
     except ErfLabError:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._hooks import hook_all
 from .errors import ErfLabError
 
 __all__ = ["LAYOUTS", "LayerGrid", "DefaultLayer", "spatial_grid", "output_grid", "to_nchw", "default_layer",
@@ -164,24 +165,8 @@ def output_module(model: nn.Module, example: Tensor) -> Optional[str]:
 def _record_outputs(model: nn.Module, run) -> Tuple[List[Tuple[str, nn.Module, Any]], Any]:
     """``run()`` with a forward hook on every named module: ((name, module, output) in finishing order, result)."""
     outputs: List[Tuple[str, nn.Module, Any]] = []
-    handles = []
-    for name, m in model.named_modules():
-        if not name:
-            continue
-
-        def hook(mod, inp, out, name=name):
-            outputs.append((name, mod, out))
-
-        try:
-            handles.append(m.register_forward_hook(hook))
-        except (RuntimeError, AttributeError):  # ScriptModules take no Python hooks
-            break
-    try:
-        with torch.no_grad():
-            result = run()
-    finally:
-        for h in handles:
-            h.remove()
+    with hook_all(model, lambda name, mod, out: outputs.append((name, mod, out))), torch.no_grad():
+        result = run()
     return outputs, result
 
 

@@ -275,3 +275,21 @@ def test_subprocess_cli_errors_have_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "cli.py"), "erf", "--model", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "is a folder" in res.stderr
+
+
+def test_no_hook_survives_an_error_in_the_forward():
+    from erf_lab._hooks import hook_all
+
+    net = Net().eval()
+    seen = []
+
+    def boom(name, mod, out):
+        seen.append(name)
+        if name == "stage":
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with hook_all(net, boom):
+            net(torch.zeros(1, 3, 8, 8))
+    assert "stage" in seen
+    assert all(not m._forward_hooks for m in net.modules())
