@@ -1,5 +1,5 @@
 """The ``erf-lab`` command line: parses arguments, calls one library function per
-subcommand, prints. No logic of its own (DESIGN section 1).
+subcommand, prints. No logic of its own (docs/design.md section 1).
 
 Every user error (an :class:`erf_lab.errors.ErfLabError` or a ``ValueError`` from
 argument validation) becomes one line on stderr and exit code 2; ``--debug``

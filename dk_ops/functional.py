@@ -80,7 +80,7 @@ def deform_kernel_conv2d(
     optionally moved by *image offsets* (deformable convolution, DCN) and
     modulated by a *mask* (DCNv2). Every deformable variant is a special case:
     DK (kernel offsets), DCN (``S = k``, image offsets), DK+DCN (both), plain
-    convolution (``S = k``, no offsets). The exact semantics are in DESIGN.md,
+    convolution (``S = k``, no offsets). The exact semantics are in docs/design.md,
     section 2.
 
     Args:

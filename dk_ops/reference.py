@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementation of the deformable-kernel convolution.
 
-This is the numerical oracle for the native kernels: it follows DESIGN section 2
+This is the numerical oracle for the native kernels: it follows docs/design.md section 2
 literally and lets autograd differentiate it with respect to every tensor
 argument. It is vectorised (``unfold``/``grid_sample`` for the input, an
 interpolation matrix for the kernel, one contraction) but makes no attempt at
@@ -27,7 +27,7 @@ def bilinear_corners(py: Tensor, px: Tensor, height: int, width: int) -> Tuple[T
     ``y * width + x`` of each corner (clamped into the plane so that it can be
     used for gathering) and its weight, which is zero for corners outside the
     plane. Sampling is therefore zero when ``py <= -1``, ``py >= height``,
-    ``px <= -1`` or ``px >= width``, as DESIGN section 2 specifies.
+    ``px <= -1`` or ``px >= width``, as docs/design.md section 2 specifies.
     """
     y0 = torch.floor(py)
     x0 = torch.floor(px)

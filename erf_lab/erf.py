@@ -2,7 +2,7 @@
 
 The ERF of output unit ``u`` of layer ``L`` is ``d target / d x`` where ``target`` reduces
 ``L``'s activation at ``u`` over channels; over a data set it is the mean over images of a
-per-image reduction of the input gradient over colour channels (DESIGN section 3).
+per-image reduction of the input gradient over colour channels (docs/design.md section 3).
 
 Speed: images are batched (eval mode keeps per-image gradients independent, so the
 gradient of the batch sum is every image's own gradient), the forward stops at ``L``, the

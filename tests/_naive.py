@@ -1,4 +1,4 @@
-"""An independent, scalar nested-loop statement of DESIGN section 2 (the test oracle).
+"""An independent, scalar nested-loop statement of docs/design.md section 2 (the test oracle).
 
 Deliberately written from the specification text with plain Python loops and no
 code shared with dk_ops, so that it can catch layout and indexing mistakes.

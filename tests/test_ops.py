@@ -1,4 +1,4 @@
-"""The functional operator against independent oracles (DESIGN section 2)."""
+"""The functional operator against independent oracles (docs/design.md section 2)."""
 import itertools
 
 import pytest

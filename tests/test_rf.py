@@ -106,7 +106,7 @@ def test_resnet50_dw_last_stage_matches_resnet50():
     df = theoretical_rf(models.create("resnet50_dw"), (3, 224, 224))
     last = row(df, "layer4")
     assert (last.rf_y, last.stride_y, last["shape"]) == (427, 32, (2048, 7, 7))
-    # DESIGN: the centre cell (3, 3) of the 7x7 map is centred at pixel 96, not 111.5
+    # docs/design.md: the centre cell (3, 3) of the 7x7 map is centred at pixel 96, not 111.5
     assert last.center0_y + 3 * last.stride_y == 96
 
 
