@@ -64,16 +64,17 @@ def _bilinear(base, py, px, Hp, Wp, sy, sx, m, ACC: tl.constexpr, GRAD: tl.const
     lx = px - x0f
     y0 = y0f.to(tl.int32)
     x0 = x0f.to(tl.int32)
-    y1 = y0 + 1
-    x1 = x0 + 1
-    vy0 = (y0 >= 0) & (y0 < Hp)
-    vy1 = (y1 >= 0) & (y1 < Hp)
+    # y0 >= -2 after the clamp: y0 + 1 >= 0 <=> y0 >= -1, and y0 < Hp + 1.
+    m0 = m & (y0 >= 0)
+    m1 = m & (y0 < Hp - 1) & (y0 >= -1)
     vx0 = (x0 >= 0) & (x0 < Wp)
-    vx1 = (x1 >= 0) & (x1 < Wp)
-    v00 = tl.load(base + y0 * sy + x0 * sx, mask=m & vy0 & vx0, other=0.0).to(ACC)
-    v01 = tl.load(base + y0 * sy + x1 * sx, mask=m & vy0 & vx1, other=0.0).to(ACC)
-    v10 = tl.load(base + y1 * sy + x0 * sx, mask=m & vy1 & vx0, other=0.0).to(ACC)
-    v11 = tl.load(base + y1 * sy + x1 * sx, mask=m & vy1 & vx1, other=0.0).to(ACC)
+    vx1 = (x0 >= -1) & (x0 < Wp - 1)
+    p00 = base + y0 * sy + x0 * sx
+    p10 = p00 + sy
+    v00 = tl.load(p00, mask=m0 & (y0 < Hp) & vx0, other=0.0).to(ACC)
+    v01 = tl.load(p00 + sx, mask=m0 & (y0 < Hp) & vx1, other=0.0).to(ACC)
+    v10 = tl.load(p10, mask=m1 & vx0, other=0.0).to(ACC)
+    v11 = tl.load(p10 + sx, mask=m1 & vx1, other=0.0).to(ACC)
     hy = 1.0 - ly
     hx = 1.0 - lx
     val = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
@@ -91,7 +92,6 @@ def _kernel_uv(dk_ptr, n, gk, ho, wo, sk0, sk1, sk2, sk3, m, t: tl.constexpr, ti
                tj: tl.constexpr, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr,
                KW: tl.constexpr, HAS_DK: tl.constexpr, DK_LOCAL: tl.constexpr, ACC: tl.constexpr):
     """Scope coordinates (u, v) of tap t for kernel-offset group gk at (ho, wo) of sample n."""
-    zero = (gk * 0 + ho * 0 + wo * 0).to(ACC)
     u0 = (SH - KH) * 0.5 + ti
     v0 = (SW - KW) * 0.5 + tj
     if HAS_DK:
@@ -103,6 +103,7 @@ def _kernel_uv(dk_ptr, n, gk, ho, wo, sk0, sk1, sk2, sk3, m, t: tl.constexpr, ti
         u = tl.load(p, mask=m, other=0.0).to(ACC) + u0
         v = tl.load(p + sk1, mask=m, other=0.0).to(ACC) + v0
     else:
+        zero = (gk * 0 + ho * 0 + wo * 0).to(ACC)
         u = zero + u0
         v = zero + v0
     return u, v
@@ -472,18 +473,24 @@ def image_side_kernel(
                 lx = (px - x0f)[None, :]
                 hy = 1.0 - ly
                 hx = 1.0 - lx
-                y0 = y0f.to(tl.int32)[None, :]
-                x0 = x0f.to(tl.int32)[None, :]
-                y1 = y0 + 1
-                x1 = x0 + 1
-                k00 = m2 & (y0 >= 0) & (y0 < H) & (x0 >= 0) & (x0 < W)
-                k01 = m2 & (y0 >= 0) & (y0 < H) & (x1 >= 0) & (x1 < W)
-                k10 = m2 & (y1 >= 0) & (y1 < H) & (x0 >= 0) & (x0 < W)
-                k11 = m2 & (y1 >= 0) & (y1 < H) & (x1 >= 0) & (x1 < W)
-                v00 = tl.load(xbase + y0 * sx2 + x0 * sx3, mask=k00, other=0.0).to(ACC)
-                v01 = tl.load(xbase + y0 * sx2 + x1 * sx3, mask=k01, other=0.0).to(ACC)
-                v10 = tl.load(xbase + y1 * sx2 + x0 * sx3, mask=k10, other=0.0).to(ACC)
-                v11 = tl.load(xbase + y1 * sx2 + x1 * sx3, mask=k11, other=0.0).to(ACC)
+                y0 = y0f.to(tl.int32)
+                x0 = x0f.to(tl.int32)
+                # corner validity per position ([BL], y0, x0 >= -2 after the clamp), then per channel
+                ry0 = (y0 >= 0) & (y0 < H)
+                ry1 = (y0 >= -1) & (y0 < H - 1)
+                rx0 = (x0 >= 0) & (x0 < W)
+                rx1 = (x0 >= -1) & (x0 < W - 1)
+                k00 = m2 & (lm & ry0 & rx0)[None, :]
+                k01 = m2 & (lm & ry0 & rx1)[None, :]
+                k10 = m2 & (lm & ry1 & rx0)[None, :]
+                k11 = m2 & (lm & ry1 & rx1)[None, :]
+                off00 = (y0 * sx2 + x0 * sx3)[None, :]
+                p00 = xbase + off00
+                p10 = p00 + sx2
+                v00 = tl.load(p00, mask=k00, other=0.0).to(ACC)
+                v01 = tl.load(p00 + sx3, mask=k01, other=0.0).to(ACC)
+                v10 = tl.load(p10, mask=k10, other=0.0).to(ACC)
+                v11 = tl.load(p10 + sx3, mask=k11, other=0.0).to(ACC)
                 xs = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
             else:
                 xs = _sample_x(xbase, off_ptr, n, gi, ho2, wo2, H, W, sx2, sx3, so0, so1, so2, so3, m2, sth, stw, ph,
@@ -503,11 +510,11 @@ def image_side_kernel(
                     tl.store(dst, tl.sum(gxs * dy, axis=0), mask=lm)
                     tl.store(dst + L, tl.sum(gxs * dx, axis=0), mask=lm)
                 if NEED_IN:
-                    gbase = gin_ptr + n * si0 + c2.to(tl.int64) * si1
-                    tl.atomic_add(gbase + y0 * si2 + x0 * si3, gxs * (hy * hx), mask=k00)
-                    tl.atomic_add(gbase + y0 * si2 + x1 * si3, gxs * (hy * lx), mask=k01)
-                    tl.atomic_add(gbase + y1 * si2 + x0 * si3, gxs * (ly * hx), mask=k10)
-                    tl.atomic_add(gbase + y1 * si2 + x1 * si3, gxs * (ly * lx), mask=k11)
+                    g00 = gin_ptr + n * si0 + c2.to(tl.int64) * si1 + (y0 * si2 + x0 * si3)[None, :]
+                    tl.atomic_add(g00, gxs * (hy * hx), mask=k00)
+                    tl.atomic_add(g00 + si3, gxs * (hy * lx), mask=k01)
+                    tl.atomic_add(g00 + si2, gxs * (ly * hx), mask=k10)
+                    tl.atomic_add(g00 + (si2 + si3), gxs * (ly * lx), mask=k11)
 
 
 @triton.jit
