@@ -4,8 +4,10 @@ For each shape, forward and forward+backward (gradients of input, weight and eve
 offset) of:
 
 * DK (local kernel offsets), DK+DCN (kernel and image offsets), DCN (scope = kernel,
-  image offsets), each through the native op (``torch.ops.dk_ops``); for depthwise shapes
-  also with channels-last tensors (what a channels-last model passes; own CPU kernels);
+  image offsets), each through the native op (``torch.ops.dk_ops``) and, on CUDA, through the
+  Triton op (``torch.ops.dk_ops_triton``; the default CUDA backend; the native CUDA C++ rows only
+  where that extension is built); for depthwise shapes also with channels-last tensors (what a
+  channels-last model passes; own CPU kernels);
 * the same three through the pure-PyTorch reference path (``--no-reference`` skips);
 * ``F.conv2d`` with the k x k kernel (same groups; cuDNN on GPU; depthwise also channels-last)
   and with the full
@@ -159,7 +161,11 @@ def dk_call(impl: str, k=3, pad=1):
         return deform_kernel_conv2d_reference(x, w, dk, off, None, None, (k, k), (1, 1), (pad, pad), (1, 1),
                                               w_groups(x, w))
 
-    return native if impl == "native" else reference
+    def triton(x, w, dk=None, off=None):
+        return torch.ops.dk_ops_triton.deform_kernel_conv2d(x, w, dk, off, None, None, k, k, 1, 1, pad, pad, 1, 1,
+                                                            w_groups(x, w))
+
+    return {"native": native, "reference": reference, "triton": triton}[impl]
 
 
 def channels_last(t):
@@ -190,7 +196,7 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
                 return fn(xx, ww, d, o)
             return call
 
-        impls = ["native"] + ([] if args.no_reference else ["reference"])
+        impls = list(args.impls) + ([] if args.no_reference else ["reference"])
         for impl in impls:
             if impl == "reference" and variant != "dk" and not args.all_reference:
                 continue
@@ -206,8 +212,9 @@ def run_shape(name, shape, device, dtype, args) -> List[Dict]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if depthwise:  # what a channels-last model hands the op (its own CPU kernels)
-            rows.append(bench_case(f"{vlabel} native, channels-last", split(dk_call("native")),
-                                   [channels_last(t) for t in tensors], device, args.warmup, args.repeat))
+            for impl in args.impls:
+                rows.append(bench_case(f"{vlabel} {impl}, channels-last", split(dk_call(impl)),
+                                       [channels_last(t) for t in tensors], device, args.warmup, args.repeat))
     # Baselines.
     x, weight, _, off = make_inputs(shape, device, dtype, "dcn")
     wk = weight  # k x k
@@ -290,10 +297,43 @@ def to_markdown(rows: List[Dict], meta: Dict) -> str:
         if tv and dcn:
             notes.append(f"DCN native vs torchvision deform_conv2d: {tv['fwd_s'] / dcn['fwd_s']:.1f}x faster fwd, "
                          f"{tv['fwdbwd_s'] / dcn['fwdbwd_s']:.1f}x faster fwd+bwd")
+        notes.extend(triton_notes(by))
         out.append("")
         out.extend(f"- {n}" for n in notes)
         out.append("")
     return "\n".join(out)
+
+
+def triton_notes(by: Dict[str, Dict]) -> List[str]:
+    """The Triton rows against their baselines and the GPU targets (DK fwd+bwd <= 2x cuDNN's depthwise
+    conv2d, DCN >= 20x faster than torchvision's deform_conv2d, general-groups DK <= 2.5x the dense
+    scope-kernel conv2d)."""
+    out = []
+    tri = by.get("DK triton")
+    if tri is None:
+        return out
+    conv = next((r for m, r in by.items() if m.startswith("F.conv2d 3x3") and not m.endswith("channels-last")), None)
+    scope = next((r for m, r in by.items() if m.startswith("F.conv2d scope")), None)
+    ref = by.get("DK reference")
+    if ref:
+        out.append(f"DK triton vs reference: {ref['fwd_s'] / tri['fwd_s']:.1f}x faster fwd, "
+                   f"{ref['fwdbwd_s'] / tri['fwdbwd_s']:.1f}x faster fwd+bwd")
+    if conv:
+        r = tri["fwdbwd_s"] / conv["fwdbwd_s"]
+        out.append(f"DK triton / conv2d 3x3: {tri['fwd_s'] / conv['fwd_s']:.2f}x (fwd), {r:.2f}x (fwd+bwd)"
+                   + (f"; depthwise target <= 2x fwd+bwd: {'met' if r <= 2 else 'NOT met'}"
+                      if "groups=1)" not in conv["method"] else ""))
+    if scope:
+        r = tri["fwdbwd_s"] / scope["fwdbwd_s"]
+        out.append(f"DK triton / conv2d with the scope kernel: {tri['fwd_s'] / scope['fwd_s']:.2f}x (fwd), "
+                   f"{r:.2f}x (fwd+bwd)" + (f"; general-groups target <= 2.5x fwd+bwd: {'met' if r <= 2.5 else 'NOT met'}"
+                                            if "groups=1)" in scope["method"] else ""))
+    tv, dcn = by.get("torchvision deform_conv2d (DCN)"), by.get("DCN triton")
+    if tv and dcn:
+        r = tv["fwdbwd_s"] / dcn["fwdbwd_s"]
+        out.append(f"DCN triton vs torchvision deform_conv2d: {tv['fwd_s'] / dcn['fwd_s']:.1f}x faster fwd, "
+                   f"{r:.1f}x faster fwd+bwd; target >= 20x: {'met' if r >= 20 else 'NOT met'}")
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -324,12 +364,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.warmup = 5 if device.type == "cuda" else 1
     if args.repeat is None:
         args.repeat = 20 if device.type == "cuda" else 3
-    if not backend.load_native():
-        print("native kernels unavailable:", backend.backend_info(), file=sys.stderr)
-        return 1
-    if backend.selected_backend(device) != "native":
-        print(f"no native kernels for {device}:", backend.backend_info(), file=sys.stderr)
-        return 1
+    if device.type == "cuda":
+        # The Triton op (the default CUDA backend) and, where that extension is already built (never
+        # compiled here), the CUDA C++ one.
+        native_ok = (backend._native.cached_build_exists() and backend.load_native()
+                     and backend._native.has_cuda())
+        args.impls = [impl for impl, ok in (("triton", backend.load_triton()), ("native", native_ok)) if ok]
+        if "triton" in args.impls:
+            from dk_ops.triton import selfcheck
+
+            if not selfcheck.passed(device):  # the op would run the reference path: not a Triton row
+                print(f"Triton failed its self-check on {device}: {selfcheck.result(device)}", file=sys.stderr)
+                args.impls.remove("triton")
+        if not args.impls:
+            print(f"no GPU kernels for {device}:", backend.backend_info(), file=sys.stderr)
+            return 1
+    else:
+        if not backend.load_native():
+            print("native kernels unavailable:", backend.backend_info(), file=sys.stderr)
+            return 1
+        if backend.selected_backend(device) != "native":
+            print(f"no native kernels for {device}:", backend.backend_info(), file=sys.stderr)
+            return 1
+        args.impls = ["native"]
     table = SHAPES_FULL if (device.type == "cuda" or args.full) else SHAPES_CPU
     names = args.shapes.split(",") if args.shapes else list(table)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
