@@ -1,0 +1,185 @@
+"""The study models shipped with erf-lab: converged digits-ms checkpoints of every operator variant.
+
+Each file here is an ordinary erf-lab checkpoint (``torch.load(path, weights_only=True)``
+reads it; ``docs/design.md`` section 6 has the format) whose ``study`` entry records how it
+was made: the recipe, the equivalent ``erf-lab train`` command, the seed, the versions, and its
+test accuracy measured on the shipped (compact) weights, overall and on :data:`SUBSET_SIZE`
+fixed test images that ``tests`` re-measure. ``scripts/train_study_models.py`` retrains them.
+
+Names are ``ARCH-OP-sSEED`` (``study_net-dk-s0``, ``mobilenet_v2-condconv-s1``); the model
+spec ``study:NAME`` may leave out the arch (``study_net``) and the seed (``s0``):
+``study:dk``, ``study:dk-s2``, ``study:mobilenet_v2-dk``.
+"""
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from ..errors import ErfLabError
+
+__all__ = ["Recipe", "RECIPES", "SHIPPED_DIR", "SUBSET_SIZE", "SPEC_PREFIX", "available", "resolve",
+           "is_spec", "study_info", "shipped_recipe", "train_recipe", "ship", "subset_accuracy"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent
+SPEC_PREFIX = "study:"
+SUBSET_SIZE = 300  # the first test images of each model's test split
+# weights (tensors of two or more dimensions) are stored in float16; BatchNorm statistics and biases stay float32
+_STUDY_OPS = ("conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One shipped model's training: the arguments of :func:`erf_lab.train.train`."""
+
+    arch: str
+    op: str
+    seed: int
+    epochs: int
+    data: str = "digits-ms"
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.op}-s{self.seed}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["arch_kwargs"] = dict(self.arch_kwargs)
+        return d
+
+    def command(self, out: Optional[str] = None) -> str:
+        """The ``erf-lab train`` command line that trains the same model."""
+        words = ["erf-lab", "train", "--arch", self.arch, "--op", self.op, "--data", self.data,
+                 "--epochs", str(self.epochs), "--seed", str(self.seed)]
+        if "width_mult" in self.arch_kwargs:
+            words += ["--width-mult", str(self.arch_kwargs["width_mult"])]
+        return shlex.join(words + ["--out", out or f"{self.name}.pt"])
+
+
+def _recipes() -> Tuple[Recipe, ...]:
+    # seed 0 of everything first, so a partial run already covers every figure
+    out: List[Recipe] = []
+    for seed in (0, 1, 2):
+        out += [Recipe("study_net", op, seed, 50) for op in _STUDY_OPS]
+        if seed < 2:
+            out += [Recipe("mobilenet_v2", op, seed, 40, arch_kwargs={"width_mult": 0.5})
+                    for op in ("conv", "condconv", "dk")]
+    return tuple(out)
+
+
+RECIPES: Tuple[Recipe, ...] = _recipes()
+
+
+def available(folder: Union[str, Path, None] = None) -> List[Path]:
+    """The shipped checkpoint files, sorted by name."""
+    return sorted(Path(folder or SHIPPED_DIR).glob("*.pt"))
+
+
+def is_spec(spec: Union[str, Path]) -> bool:
+    return isinstance(spec, str) and spec.startswith(SPEC_PREFIX)
+
+
+def resolve(spec: str) -> Path:
+    """The file of a ``study:NAME`` spec (module docstring); ErfLabError naming the choices if absent."""
+    name = spec[len(SPEC_PREFIX):] if is_spec(spec) else spec
+    parts = name.split("-")
+    if parts and parts[0] in _STUDY_OPS:
+        parts = ["study_net"] + parts
+    if not (parts and parts[-1][:1] == "s" and parts[-1][1:].isdigit()):
+        parts.append("s0")
+    path = SHIPPED_DIR / ("-".join(parts) + ".pt")
+    if not path.is_file():
+        names = ", ".join(p.stem for p in available()) or "none (run scripts/train_study_models.py)"
+        raise ErfLabError(f"no shipped study model {name!r}; shipped: {names}")
+    return path
+
+
+def _load(path: Path) -> Dict[str, Any]:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def study_info(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The ``study`` entry of a shipped checkpoint (None for other files)."""
+    try:
+        ckpt = _load(Path(path))
+    except Exception:  # noqa: BLE001 - not a checkpoint: no study entry
+        return None
+    return ckpt.get("study") if isinstance(ckpt, dict) else None
+
+
+def shipped_recipe(path: Path) -> Optional[Dict[str, Any]]:
+    """The recipe recorded in ``path`` (None when it is absent or not a shipped model)."""
+    if not path.is_file():
+        return None
+    info = study_info(path)
+    return None if info is None else info.get("recipe")
+
+
+def train_recipe(recipe: Recipe, work: Path, device: str = "cpu", progress: bool = True) -> Path:
+    """Trains ``recipe`` into ``work/NAME.pt`` (resuming an interrupted run); returns that best checkpoint."""
+    from ..train import train
+
+    out = Path(work) / f"{recipe.name}.pt"
+    train(recipe.arch, recipe.op, recipe.data, recipe.epochs, out, seed=recipe.seed, device=device,
+          resume=True, arch_kwargs=dict(recipe.arch_kwargs), progress=progress)
+    return out
+
+
+def _test_split(ckpt: Mapping[str, Any]):
+    from ..train import training_splits
+
+    c, h, w = ckpt["input_size"]
+    _, sets = training_splits(ckpt["data_spec"], image_size=(h, w) if h == w else None, channels=c,
+                              seed=int(ckpt["train_args"].get("seed", 0)))
+    return sets["test"]
+
+
+def _model(ckpt: Mapping[str, Any]) -> torch.nn.Module:
+    from ..checkpoint import build_arch
+
+    model = build_arch(ckpt["arch"], ckpt["arch_kwargs"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+    return model.eval()
+
+
+def subset_accuracy(ckpt: Mapping[str, Any], size: int = SUBSET_SIZE) -> Tuple[int, int]:
+    """(correct, images) of the checkpoint's model on the first ``size`` images of its test split."""
+    from torch.utils.data import Subset
+
+    from ..train import evaluate
+
+    test = _test_split(ckpt)
+    n = min(size, len(test))
+    with torch.no_grad():
+        r = evaluate(_model(ckpt), Subset(test, list(range(n))), progress=False)
+    return int(round(r["acc"] * r["n"])), int(r["n"])
+
+
+def _compact(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v
+            for k, v in state.items()}
+
+
+def ship(best: Path, target: Path, recipe: Recipe) -> Dict[str, Any]:
+    """Writes the compact copy of the trained checkpoint ``best`` to ``target`` with its ``study`` entry."""
+    from .._io import atomic_write
+    from ..train import evaluate
+
+    ckpt = _load(Path(best))
+    ckpt["state_dict"] = _compact(ckpt["state_dict"])
+    with torch.no_grad():
+        test = evaluate(_model(ckpt), _test_split(ckpt), progress=False)
+    correct, n = subset_accuracy(ckpt)
+    ckpt["study"] = {
+        "name": recipe.name, "recipe": recipe.to_dict(), "command": recipe.command(), "seed": recipe.seed,
+        "test_acc": test["acc"], "test_images": test["n"], "test_acc_per_size_bin": test["acc_per_size_bin"],
+        "test_acc_float32": ckpt["metrics"].get("test_acc"), "subset_correct": correct, "subset_size": n,
+        "best_epoch": ckpt["metrics"].get("best_epoch"), "versions": ckpt.get("versions"),
+        "storage": "weights (2+ dimensions) in float16, other tensors float32",
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda f: torch.save(ckpt, f))
+    return ckpt["study"]
