@@ -39,9 +39,17 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from dk_ops import models
+    from erf_lab import study_models
 
+    print("architectures (--arch, erf-lab train):")
     for name in models.names():
-        print(name)
+        print(f"  {name}")
+    shipped = study_models.available()
+    print(f"shipped study models ({len(shipped)}; --model study:NAME, files in {study_models.SHIPPED_DIR}):")
+    for path in shipped:
+        info = study_models.study_info(path) or {}
+        print(f"  study:{path.stem:26s} test acc {info.get('test_acc', float('nan')):.4f} "
+              f"({info.get('test_images', '?')} images), epoch {info.get('best_epoch', '?')}")
     return 0
 
 
@@ -324,11 +332,16 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
                                    "DIR/RESULTS.md and DIR/index.html.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="small, fast configuration (the default; minutes on 2 CPU cores)")
+                      help="the shipped converged study models, every claim with its confidence interval "
+                           "(the default; minutes on 2 CPU cores)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="whole training split, more epochs, three seeds")
+                      help="retrain every model with the shipped recipes, then larger statistics (hours on a CPU)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the models anew with the shipped recipes (cached in DIR/models) instead of "
+                        "using the shipped ones")
     p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: embedded digits-ms)")
-    p.add_argument("--models", metavar="DIR", help="use the checkpoints OP.pt / OP-seedS.pt in DIR instead of training")
+    p.add_argument("--models", metavar="DIR", help="analyse your checkpoints in DIR: ARCH-OP-sSEED.pt (the shipped "
+                                                   "names), or OP.pt / OP-seedS.pt for the study net")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (trained models are cached in DIR/models)")
     p.add_argument("--only", metavar="LIST", help="comma-separated subset of: theory,accuracy,erf,tsne,offsets")
@@ -343,10 +356,15 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
         seeds = None if args.seeds is None else tuple(int(s) for s in args.seeds.split(",") if s.strip())
         only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
         run = run_figures(args.out, mode=args.mode, data=args.data, models_dir=args.models, device=args.device,
-                          only=only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds)
+                          only=only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds,
+                          retrain=args.retrain)
         for r in run["results"]:
-            for claim in r.claims:
-                print(f"[{r.name}] {claim}")
+            if not r.effects:
+                for claim in r.claims:
+                    print(f"[{r.name}] {claim}")
+            for e in r.effects:
+                print(f"[{r.name}] claim {e.claim_id}: {e.claim}: {e.measure} = {e.effect:+.4f}, "
+                      f"95% CI {e.ci()}: {e.verdict.upper()}")
         for name, msg in run["failures"].items():
             print(f"[{name}] not produced: {msg}", file=sys.stderr)
         print(f"report: {run['report']} and {run['html']}")
@@ -366,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ops", help="which operator implementation runs on which device")
     handlers["ops"] = _cmd_ops
-    p = sub.add_parser("models", help="list the model zoo's architectures")
+    p = sub.add_parser("models", help="list the model zoo's architectures and the shipped study models")
     handlers["models"] = _cmd_models
 
     _add_erf_commands(sub, handlers)

@@ -31,6 +31,8 @@ from erf_lab.errors import ErfLabError
 __all__ = [
     "knn_accuracy",
     "knn_accuracies",
+    "knn_hits",
+    "within_class_knn_hits",
     "silhouette",
     "kmeans_ami",
     "trustworthiness",
@@ -76,15 +78,26 @@ def knn_accuracies(
     first labelling. Points with a negative label in any labelling are left out; a
     labelling with fewer than two labels of at least two points each gets NaN.
     """
+    hits = knn_hits(x, labelings, k=k, n_splits=n_splits, seed=seed)
+    return {n: (float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"), c) for n, (h, c) in hits.items()}
+
+
+def knn_hits(
+    x: np.ndarray, labelings: Mapping[str, np.ndarray], *, k: int = K, n_splits: int = N_SPLITS, seed: int = 0
+) -> Dict[str, Tuple[np.ndarray, float]]:
+    """``{name: (hits, chance)}``: per point, 1.0 when its cross-validated k-NN vote (see
+    :func:`knn_accuracies`) is right, 0.0 when wrong, NaN when the point is left out; the
+    mean of the hits is the k-NN accuracy (the unit a bootstrap over points resamples)."""
     from sklearn.model_selection import StratifiedKFold
     from sklearn.neighbors import NearestNeighbors
 
-    x = np.asarray(x, dtype=np.float32 if np.asarray(x).shape[1] > 3 else np.float64)
+    x_all = np.asarray(x, dtype=np.float32 if np.asarray(x).shape[1] > 3 else np.float64)
     names = list(labelings)
-    ys = np.stack([np.asarray(labelings[n], dtype=np.int64) for n in names], 1)
-    keep = (ys >= 0).all(1)
-    x, ys = x[keep], ys[keep]
-    out = {n: (float("nan"), float("nan")) for n in names}
+    ys_all = np.stack([np.asarray(labelings[n], dtype=np.int64) for n in names], 1)
+    keep = (ys_all >= 0).all(1)
+    x, ys = x_all[keep], ys_all[keep]
+    nan_hits = np.full(len(x_all), np.nan)
+    out = {n: (nan_hits.copy(), float("nan")) for n in names}
     if len(x) < 4:
         return out
     counts = [np.unique(ys[:, j], return_counts=True)[1] for j in range(len(names))]
@@ -100,7 +113,7 @@ def knn_accuracies(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, strata))
-    correct = np.zeros(len(names))
+    hit = np.zeros((len(x), len(names)))
     for train, test in splits:
         kk = min(k, len(train))
         algorithm = "brute" if x.shape[1] > 15 else "auto"
@@ -111,10 +124,22 @@ def knn_accuracies(
             n_lab = int(ys[:, j].max()) + 1
             tally = np.zeros((len(test), n_lab), np.int64)
             np.add.at(tally, (np.repeat(np.arange(len(test)), kk), votes.reshape(-1)), 1)
-            correct[j] += (tally.argmax(1) == ys[test, j]).sum()  # ties: the smallest label, as sklearn
+            hit[test, j] = tally.argmax(1) == ys[test, j]  # ties: the smallest label, as sklearn
     for j, n in enumerate(names):
         if usable[j]:
-            out[n] = (float(correct[j] / len(x)), _chance(ys[:, j]))
+            full = nan_hits.copy()
+            full[keep] = hit[:, j]
+            out[n] = (full, _chance(ys[:, j]))
+    return out
+
+
+def within_class_knn_hits(x: np.ndarray, classes: np.ndarray, bins: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Per point, the hit of the ``size|class`` k-NN score: the size-bin vote among the points of
+    its own class (NaN for points not scored); the mean is the score's weighted class mean."""
+    out = np.full(len(x), np.nan)
+    for c in np.unique(classes[(classes >= 0) & (bins >= 0)]):
+        m = (classes == c) & (bins >= 0)
+        out[np.nonzero(m)[0]] = knn_hits(np.asarray(x)[m], {"size": bins[m]}, seed=seed)["size"][0]
     return out
 
 

@@ -158,7 +158,7 @@ def load_model(
     """Loads a model file safely (module docstring lists the formats).
 
     Args:
-        path: the file.
+        path: the file, or ``study:NAME`` for a shipped study model (:mod:`erf_lab.study_models`).
         arch: architecture for a plain state_dict (overrides a checkpoint's own ``arch``).
         trust: allow full unpickling (runs code from the file; see ``--trust-checkpoint``).
         arch_kwargs: keyword arguments for ``arch``.
@@ -171,7 +171,9 @@ def load_model(
         ErfLabError: missing, corrupt or truncated files, refused pickles, unknown archs,
             missing/unexpected keys, shape mismatches.
     """
-    p = Path(path)
+    from . import study_models
+
+    p = study_models.resolve(path) if study_models.is_spec(path) else Path(path)
     if p.is_dir():
         raise ErfLabError(f"{p} is a folder, not a model file (give the checkpoint file inside it)")
     if not p.is_file():

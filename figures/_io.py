@@ -26,6 +26,8 @@ class FigureResult:
         summary: the key numbers (plain JSON types) for RESULTS.md.
         table: an optional pandas DataFrame shown in the report.
         claims: plain-language statements checked against the numbers (``"holds"``/``"does not hold"``).
+        effects: the claims' effects with confidence intervals and verdicts
+            (:class:`figures.stats.Effect`), gathered into the report's opening table.
     """
 
     name: str
@@ -34,6 +36,7 @@ class FigureResult:
     summary: Dict[str, Any] = field(default_factory=dict)
     table: Any = None
     claims: List[str] = field(default_factory=list)
+    effects: List[Any] = field(default_factory=list)
 
     @property
     def images(self) -> List[Path]:

@@ -1,9 +1,11 @@
 """Run configurations of ``erf-lab figures`` (``--quick`` and ``--full``) and the study models they train.
 
-:func:`prepare_models` trains the six operator variants of one base network with
-:func:`erf_lab.train.train`, or takes them from a user's folder, or reuses the checkpoints
-cached in the output folder by an earlier run with the same training options (a run that
-was interrupted resumes from its ``.last.pt``).
+The models of a run (:func:`prepare_models`): the six operator variants of the study net and
+the t-SNE network's variants, each over several seeds. They are the converged checkpoints
+shipped in ``erf_lab/study_models`` (``--quick``, the default), or trained by the run with
+:func:`erf_lab.train.train` (``--retrain``, ``--full``; cached in the output folder and reused
+by a later run with the same training options, resumed when interrupted), or a user's folder
+(``--models DIR``).
 """
 import dataclasses
 import json
@@ -18,6 +20,8 @@ from ._io import PathLike, jsonable, write_json
 __all__ = ["FiguresConfig", "config_for", "prepare_models", "OPS"]
 
 OPS: Tuple[str, ...] = ("conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn")
+TSNE_OPS: Tuple[str, ...] = ("condconv", "dk", "conv")
+SOURCES = ("shipped", "train")
 MODES = ("quick", "full")
 
 
@@ -28,64 +32,82 @@ class FiguresConfig:
     Attributes:
         mode: ``quick`` or ``full``.
         data: the ``--data`` spec the models are trained and analysed on.
+        source: ``shipped`` (the models in ``erf_lab/study_models``, no training) or ``train``
+            (trained by the run, cached in ``OUT/models``).
         arch, arch_kwargs: the base network (``dk_ops.models`` name and arguments).
         ops: the operator variants.
-        seeds: training seeds (the accuracy table averages over them; other figures use the first).
+        seeds: training seeds; every statistic pools them (``figures.stats``).
         image_size: input side the models are trained and analysed at (None: the data's own).
         epochs, batch_size, lr, max_train_images, max_eval_images: training options (lr None: the
             trainer's default).
+        tsne_arch, tsne_arch_kwargs, tsne_ops, tsne_seeds, tsne_epochs: the t-SNE figure's network
+            (the paper's MobileNetV2, width 0.5), its variants, seeds and training epochs.
         erf_images: images of each model's data-set ERF.
-        instance_per_bin: test images per size bin for the ERF-mass-in-box statistic.
-        tsne_samples, tsne_iter: samples (stratified by class and size) and t-SNE iterations.
-        offset_images: test images for the offset statistics.
+        instance_per_bin: test images per size bin for the instance-ERF and kernel statistics
+            (the same images for every model and seed).
+        tsne_samples, tsne_iter, tsne_runs: samples (stratified by class and size), t-SNE
+            iterations, and t-SNE seeds per model.
+        offset_images: unused since the offset statistics read the instance images (kept for
+            old run.json files).
         latency_repeats: timed forward passes per variant (median reported).
         theory_depths: depths of the uniform linear stacks of the theory figure.
+        n_boot: bootstrap replicates of every confidence interval.
     """
 
     mode: str = "quick"
     data: str = "digits-ms"
+    source: str = "shipped"
     arch: str = "study_net"
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
     ops: Tuple[str, ...] = OPS
-    seeds: Tuple[int, ...] = (0,)
+    seeds: Tuple[int, ...] = (0, 1, 2)
     image_size: Optional[int] = None
-    epochs: int = 2
+    epochs: int = 50
     batch_size: int = 64
     lr: Optional[float] = None
     max_train_images: Optional[int] = None
     max_eval_images: Optional[int] = None
+    tsne_arch: str = "mobilenet_v2"
+    tsne_arch_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"width_mult": 0.5})
+    tsne_ops: Tuple[str, ...] = TSNE_OPS
+    tsne_seeds: Tuple[int, ...] = (0, 1)
+    tsne_epochs: int = 40
     erf_images: int = 32
-    instance_per_bin: int = 3
-    tsne_samples: int = 400
+    instance_per_bin: int = 50
+    tsne_samples: int = 1000
     tsne_iter: int = 500
+    tsne_runs: int = 2
     offset_images: int = 100
     latency_repeats: int = 10
     theory_depths: Tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    n_boot: int = 2000
 
     def to_dict(self) -> Dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
 
-    def training_key(self, op: str, seed: int) -> Dict[str, Any]:
+    def training_key(self, op: str, seed: int, tsne: bool = False) -> Dict[str, Any]:
         """What identifies a trained checkpoint: a cached one is reused only when this matches."""
-        return jsonable({"data": self.data, "arch": self.arch, "arch_kwargs": dict(self.arch_kwargs), "op": op,
-                         "seed": seed, "image_size": self.image_size, "epochs": self.epochs,
+        arch, kwargs, epochs = self.network(tsne)
+        return jsonable({"data": self.data, "arch": arch, "arch_kwargs": dict(kwargs), "op": op,
+                         "seed": seed, "image_size": self.image_size, "epochs": epochs,
                          "batch_size": self.batch_size, "lr": self.lr,
                          "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images})
 
+    def network(self, tsne: bool = False) -> Tuple[str, Mapping[str, Any], int]:
+        """``(arch, arch_kwargs, epochs)`` of the study net, or of the t-SNE network with ``tsne``."""
+        if tsne:
+            return self.tsne_arch, self.tsne_arch_kwargs, self.tsne_epochs
+        return self.arch, self.arch_kwargs, self.epochs
+
 
 _PRESETS: Dict[str, Dict[str, Any]] = {
-    # <= 15 minutes on 2 CPU cores from a fresh install: the default study net at 64x64 (the
-    # data's own size), the whole training split (fresh renders every epoch), 10 epochs. The
-    # models are trained part of the way (see RESULTS.md for their accuracy), so the figures
-    # show the pipeline on real but unconverged models; --full trains them to convergence.
-    "quick": dict(arch_kwargs={}, image_size=None, seeds=(0,),
-                  epochs=10, max_train_images=None, max_eval_images=300, erf_images=24, instance_per_bin=2,
-                  tsne_samples=300, tsne_iter=500, offset_images=100, latency_repeats=10,
-                  theory_depths=(1, 2, 4, 8, 16, 32)),
-    # the default study net on the whole training split, three seeds.
-    "full": dict(arch_kwargs={}, seeds=(0, 1, 2), epochs=20, max_train_images=None, max_eval_images=None,
-                 erf_images=200, instance_per_bin=10, tsne_samples=2000, tsne_iter=1000, offset_images=1000,
-                 latency_repeats=50, theory_depths=(1, 2, 4, 8, 16, 32, 64, 128)),
+    # The shipped converged models (no training): the statistics at the sizes the claims need
+    # (50 test images per size bin, 1,000 t-SNE samples, every seed); minutes on 2 CPU cores.
+    "quick": dict(source="shipped", erf_images=32, instance_per_bin=50, tsne_samples=1000, tsne_iter=500,
+                  tsne_runs=2, latency_repeats=10, n_boot=2000, theory_depths=(1, 2, 4, 8, 16, 32)),
+    # Everything trained anew with the shipped models' recipes, and larger statistics.
+    "full": dict(source="train", erf_images=200, instance_per_bin=100, tsne_samples=2000, tsne_iter=1000,
+                 tsne_runs=3, latency_repeats=50, n_boot=5000, theory_depths=(1, 2, 4, 8, 16, 32, 64, 128)),
 }
 
 
@@ -98,16 +120,20 @@ def config_for(mode: str = "quick", **overrides: Any) -> FiguresConfig:
     if unknown:
         raise ErfLabError(f"unknown figures option(s): {', '.join(sorted(unknown))}")
     opts.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("ops", "seeds", "theory_depths"):
+    for key in ("ops", "seeds", "theory_depths", "tsne_ops", "tsne_seeds"):
         opts[key] = tuple(opts[key]) if key in opts else getattr(FiguresConfig, key, None)
-    bad = [op for op in opts.get("ops", OPS) if op not in OPS]
+    if opts.get("source", "shipped") not in SOURCES:
+        raise ErfLabError(f"source must be one of {', '.join(SOURCES)}, got {opts['source']!r}")
+    bad = [op for op in opts.get("ops", OPS) + opts.get("tsne_ops", TSNE_OPS) if op not in OPS]
     if bad:
         raise ErfLabError(f"unknown op(s) {', '.join(bad)}; choose from {', '.join(OPS)}")
     return FiguresConfig(**opts)
 
 
-def _user_checkpoint(models_dir: Path, op: str, seed: int) -> Optional[Path]:
-    names = [f"{op}-seed{seed}.pt", f"{op}_seed{seed}.pt"] + ([f"{op}.pt"] if seed == 0 else [])
+def _user_checkpoint(models_dir: Path, arch: str, op: str, seed: int, tsne: bool) -> Optional[Path]:
+    names = [f"{arch}-{op}-s{seed}.pt"]
+    if not tsne:  # the study net may also go by OP.pt / OP-seedS.pt
+        names += [f"{op}-seed{seed}.pt", f"{op}_seed{seed}.pt"] + ([f"{op}.pt"] if seed == 0 else [])
     for name in names:
         if (models_dir / name).is_file():
             return models_dir / name
@@ -115,47 +141,77 @@ def _user_checkpoint(models_dir: Path, op: str, seed: int) -> Optional[Path]:
 
 
 def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Optional[PathLike] = None,
-                   device: str = "cpu", progress: bool = True) -> Dict[str, List[Path]]:
-    """Checkpoints of every variant, ``{op: [path per seed]}``: trained, cached or the user's.
+                   device: str = "cpu", progress: bool = True, tsne: bool = False) -> Dict[str, List[Path]]:
+    """Checkpoints of every variant, ``{op: [path per seed]}``: shipped, trained, cached or the user's.
 
     Args:
-        config: the run configuration (what to train and how).
+        config: the run configuration (where the models come from, what to train and how).
         out_dir: the run's output folder; trained checkpoints go to ``out_dir/models/OP-seedS.pt``
-            beside a ``.figures.json`` with their training options. A later run with the same
-            options reuses them without training; an interrupted one resumes.
-        models_dir: a folder of the user's checkpoints named ``OP.pt`` (seed 0) or
-            ``OP-seedS.pt``; variants missing there are left out (at least one must exist).
+            (``ARCH-OP-sS.pt`` for the t-SNE network) beside a ``.figures.json`` with their
+            training options. A later run with the same options reuses them without training;
+            an interrupted one resumes.
+        models_dir: a folder of the user's checkpoints named ``ARCH-OP-sS.pt`` (the shipped
+            names), or for the study net ``OP.pt`` (seed 0) / ``OP-seedS.pt``; variants
+            missing there are left out (at least one must exist).
         device: training device.
         progress: training progress bars and epoch lines.
+        tsne: the t-SNE network's variants (``config.tsne_*``) instead of the study net's.
 
     Raises:
-        ErfLabError: no checkpoint found in ``models_dir``; training failures.
+        ErfLabError: no checkpoint found in ``models_dir``; shipped models missing; training failures.
     """
-    from erf_lab.train import companion_paths, train
-
+    arch, arch_kwargs, epochs = config.network(tsne)
+    ops, seeds = (config.tsne_ops, config.tsne_seeds) if tsne else (config.ops, config.seeds)
     out: Dict[str, List[Path]] = {}
     if models_dir is not None:
         md = Path(models_dir)
         if not md.is_dir():
             raise ErfLabError(f"--models {md}: not a folder")
-        for op in config.ops:
-            paths = [p for p in (_user_checkpoint(md, op, s) for s in config.seeds) if p is not None]
+        for op in ops:
+            paths = [p for p in (_user_checkpoint(md, arch, op, s, tsne) for s in seeds) if p is not None]
             if paths:
                 out[op] = paths
         if not out:
-            raise ErfLabError(f"--models {md}: no checkpoint named OP.pt or OP-seedS.pt for OP in "
-                              f"{', '.join(config.ops)}")
+            names = f"{arch}-OP-sSEED.pt" + ("" if tsne else " or OP.pt / OP-seedS.pt")
+            raise ErfLabError(f"--models {md}: no checkpoint named {names} for OP in {', '.join(ops)}")
         return out
-    cache = Path(out_dir) / "models"
-    for op in config.ops:
-        for seed in config.seeds:
-            ckpt = cache / f"{op}-seed{seed}.pt"
+    if config.source == "shipped":
+        return _shipped(arch, ops, seeds)
+    return _trained(config, Path(out_dir) / "models", arch, arch_kwargs, epochs, ops, seeds, tsne, device, progress)
+
+
+def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[Path]]:
+    from erf_lab import study_models
+
+    out: Dict[str, List[Path]] = {}
+    missing = []
+    for op in ops:
+        for seed in seeds:
+            path = study_models.SHIPPED_DIR / f"{arch}-{op}-s{seed}.pt"
+            if path.is_file():
+                out.setdefault(op, []).append(path)
+            else:
+                missing.append(path.stem)
+    if missing:
+        raise ErfLabError(f"shipped study models missing: {', '.join(missing)} (retrain them with "
+                          "`python scripts/train_study_models.py`, or train here with --retrain)")
+    return out
+
+
+def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping[str, Any], epochs: int,
+             ops: Sequence[str], seeds: Sequence[int], tsne: bool, device: str, progress: bool) -> Dict[str, List[Path]]:
+    from erf_lab.train import companion_paths, train
+
+    out: Dict[str, List[Path]] = {}
+    for op in ops:
+        for seed in seeds:
+            ckpt = cache / (f"{arch}-{op}-s{seed}.pt" if tsne else f"{op}-seed{seed}.pt")
             stamp = ckpt.with_suffix(".figures.json")
-            key = config.training_key(op, seed)
+            key = config.training_key(op, seed, tsne)
             done = _read_json(stamp)
             if ckpt.is_file() and done == {"key": key, "complete": True}:
                 if progress:
-                    print(f"  {op} seed {seed}: cached {ckpt}", flush=True)
+                    print(f"  {arch} {op} seed {seed}: cached {ckpt}", flush=True)
                 out.setdefault(op, []).append(ckpt)
                 continue
             resume = done == {"key": key, "complete": False} and companion_paths(ckpt)["last"].is_file()
@@ -165,11 +221,11 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
                         p.unlink()
             write_json(stamp, {"key": key, "complete": False})
             if progress:
-                print(f"  {op} seed {seed}: training {config.epochs} epoch(s){' (resuming)' if resume else ''}",
+                print(f"  {arch} {op} seed {seed}: training {epochs} epoch(s){' (resuming)' if resume else ''}",
                       flush=True)
-            train(config.arch, op, config.data, config.epochs, ckpt, seed=seed, device=device, resume=resume,
+            train(arch, op, config.data, epochs, ckpt, seed=seed, device=device, resume=resume,
                   batch_size=config.batch_size, lr=config.lr, image_size=config.image_size,
-                  arch_kwargs=dict(config.arch_kwargs),
+                  arch_kwargs=dict(arch_kwargs),
                   max_train_images=config.max_train_images, max_eval_images=config.max_eval_images,
                   progress=progress)
             write_json(stamp, {"key": key, "complete": True})

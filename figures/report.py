@@ -30,6 +30,32 @@ def markdown_table(df: Any, max_rows: int = 60) -> str:
     return "\n".join(lines)
 
 
+VERDICT_NOTE = ("Each effect is a difference of means (or a Spearman correlation) over every seed and the same test "
+                "items; the 95% interval is a hierarchical bootstrap over seeds, then items (paired). A claim holds "
+                "when the whole interval lies on its predicted side, is contradicted when it lies on the other "
+                "side, and is inconclusive when it covers zero.")
+
+
+def _verdict_markdown(effects: Sequence[Any]) -> List[str]:
+    lines = ["## Verdicts", "", VERDICT_NOTE, "",
+             "| # | claim | measure | effect | 95% CI | verdict | n |", "|---|---|---|---|---|---|---|"]
+    for e in effects:
+        lines.append(f"| {e.claim_id} | {e.claim} | {e.measure} | {e.effect:+.4f} | {e.ci()} | **{e.verdict}** | {e.n} |")
+    return lines + [""]
+
+
+def _verdict_html(effects: Sequence[Any]) -> str:
+    colour = {"holds": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700"}
+    rows = "".join(
+        f"<tr><td>{html.escape(e.claim_id)}</td><td>{html.escape(e.claim)}</td><td>{html.escape(e.measure)}</td>"
+        f"<td>{e.effect:+.4f}</td><td>{html.escape(e.ci())}</td>"
+        f"<td class='verdict' style='color:{colour.get(e.verdict, '#000')}'><b>{html.escape(e.verdict)}</b></td>"
+        f"<td>{html.escape(e.n)}</td></tr>" for e in effects)
+    return ("<h2>Verdicts</h2><p>" + html.escape(VERDICT_NOTE) + "</p><table id='verdicts'><thead><tr><th>#</th>"
+            "<th>claim</th><th>measure</th><th>effect</th><th>95% CI</th><th>verdict</th><th>n</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
 def write_report(out_dir: PathLike, results: Sequence[FigureResult], *, command: str, options: Dict[str, Any],
                  failures: Optional[Dict[str, str]] = None, stage_seconds: Optional[Dict[str, float]] = None,
                  notes: Sequence[str] = ()) -> List[Path]:
@@ -46,7 +72,10 @@ def write_report(out_dir: PathLike, results: Sequence[FigureResult], *, command:
     """
     root = Path(out_dir)
     failures = failures or {}
+    effects = [e for r in results for e in r.effects]
     md: List[str] = ["# erf-lab figures: results", "", f"Command: `{command}`", ""]
+    if effects:
+        md += _verdict_markdown(effects)
     md += [f"- {n}" for n in notes]
     md += ["", "## Options", ""] + [f"- `{k}`: `{jsonable(v)}`" for k, v in options.items()]
     md += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), ""]
@@ -84,7 +113,8 @@ def write_report(out_dir: PathLike, results: Sequence[FigureResult], *, command:
         "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
         "code{background:#f4f4f4}</style></head><body>"
         f"<h1>erf-lab figures: results</h1><p>Command: <code>{html.escape(command)}</code></p>"
-        f"<ul>{note_html}</ul><details><summary>Options</summary><ul>{opts}</ul></details>"
+        + (_verdict_html(effects) if effects else "")
+        + f"<ul>{note_html}</ul><details><summary>Options</summary><ul>{opts}</ul></details>"
         + "".join(body) + "</body></html>\n"
     )
     html_path = write_text(root / "index.html", page)

@@ -25,7 +25,8 @@ def _save_result(root: Path, r: FigureResult) -> None:
     if r.table is not None:
         write_csv(d / "result_table.csv", r.table)
     write_json(d / "result.json", {"name": r.name, "title": r.title, "files": rel(r.files, root), "summary": r.summary,
-                                   "claims": r.claims, "table": r.table is not None})
+                                   "claims": r.claims, "table": r.table is not None,
+                                   "effects": [e.to_dict() for e in r.effects]})
 
 
 def _load_result(root: Path, name: str) -> Optional[FigureResult]:
@@ -37,7 +38,11 @@ def _load_result(root: Path, name: str) -> Optional[FigureResult]:
     files = [root / f for f in meta["files"]]
     if not all(f.is_file() for f in files):
         return None
-    return FigureResult(meta["name"], meta["title"], files, meta.get("summary", {}), table, list(meta.get("claims", [])))
+    from .stats import Effect
+
+    effects = [Effect(**e) for e in meta.get("effects", [])]
+    return FigureResult(meta["name"], meta["title"], files, meta.get("summary", {}), table, list(meta.get("claims", [])),
+                        effects)
 
 
 def _read_csv(path: Path) -> Any:
@@ -58,14 +63,17 @@ def _device(device: Optional[str]) -> str:
 
 def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = None, models_dir: Optional[PathLike] = None,
                 device: Optional[str] = None, only: Optional[Sequence[str]] = None, progress: bool = True,
-                command: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
-    """Trains or loads the study models and writes every figure, ``RESULTS.md`` and ``index.html`` to ``out``.
+                command: Optional[str] = None, retrain: bool = False, **overrides: Any) -> Dict[str, Any]:
+    """Loads (or trains) the study models and writes every figure, ``RESULTS.md`` and ``index.html`` to ``out``.
 
     Args:
-        out: output folder (trained checkpoints are cached in ``out/models`` and reused).
-        mode: ``quick`` (minutes on a laptop CPU) or ``full`` (more data, epochs and seeds).
+        out: output folder (checkpoints trained by the run are cached in ``out/models`` and reused).
+        mode: ``quick`` (the shipped models, minutes on 2 CPU cores) or ``full`` (everything
+            retrained, larger statistics).
         data: ``--data`` spec (default ``digits-ms``).
-        models_dir: use the checkpoints in this folder (``OP.pt`` / ``OP-seedS.pt``) instead of training.
+        models_dir: use the checkpoints in this folder (``ARCH-OP-sS.pt``, or ``OP.pt`` /
+            ``OP-seedS.pt`` for the study net) instead of the shipped ones.
+        retrain: train every model anew with the shipped models' recipes (``source="train"``).
         device: ``cpu``, ``cuda[:i]`` or None/``auto``.
         only: a subset of :data:`FIGURES`.
         progress: stage lines and progress bars.
@@ -82,6 +90,8 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
     bad = [f for f in wanted if f not in FIGURES]
     if bad:
         raise ErfLabError(f"unknown figure(s) {', '.join(bad)}; choose from {', '.join(FIGURES)}")
+    if retrain:
+        overrides["source"] = "train"
     cfg: FiguresConfig = config_for(mode, data=data, **overrides)
     dev = _device(device)
     root = check_output_dir(out)  # before any work: an unwritable --out fails now, not after training
@@ -89,11 +99,24 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
     need_models = any(f != "theory" for f in wanted)
     stages = Stages(len(wanted) + (2 if need_models else 1), enabled=progress)
     ckpts: Dict[str, List[Path]] = {}
+    tsne_ckpts: Dict[str, List[Path]] = {}
+    model_notes: List[str] = []
     if need_models:
-        with stages(f"models: {len(cfg.ops)} variants x {len(cfg.seeds)} seed(s) of {cfg.arch} on {cfg.data}"):
+        where = {"shipped": "shipped", "train": "trained"}[cfg.source] if models_dir is None else f"from {models_dir}"
+        with stages(f"models ({where}): {len(cfg.ops)} variants x {len(cfg.seeds)} seed(s) of {cfg.arch}, "
+                    f"{len(cfg.tsne_ops)} x {len(cfg.tsne_seeds)} of {cfg.tsne_arch} on {cfg.data}"):
             ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress)
-    first = {op: paths[0] for op, paths in ckpts.items()}
-    seed = cfg.seeds[0]
+            if "tsne" in wanted:
+                try:
+                    tsne_ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress,
+                                                tsne=True)
+                except ErfLabError:
+                    if models_dir is None:
+                        raise
+                    tsne_ckpts = {op: ckpts[op] for op in cfg.tsne_ops if op in ckpts}
+                    model_notes.append(f"No {cfg.tsne_arch} checkpoints in {models_dir}: the t-SNE figure uses "
+                                       f"the {cfg.arch} models.")
+    seed = 0
     results: List[FigureResult] = []
     failures: Dict[str, str] = {}
     data_spec = None if models_dir is None else data
@@ -107,21 +130,23 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         if name == "accuracy":
             from .accuracy import accuracy_table
 
-            return accuracy_table(ckpts, d, latency_repeats=cfg.latency_repeats, device="cpu", seed=seed)
+            return accuracy_table(ckpts, d, latency_repeats=cfg.latency_repeats, device="cpu", seed=seed,
+                                  data=data_spec, n_boot=cfg.n_boot)
         if name == "erf":
             from .erf_comparison import erf_comparison
 
-            return erf_comparison(first, d, data=data_spec, erf_images=cfg.erf_images,
-                                  instance_per_bin=cfg.instance_per_bin, device=dev, seed=seed, progress=progress)
+            return erf_comparison(ckpts, d, data=data_spec, erf_images=cfg.erf_images,
+                                  instance_per_bin=cfg.instance_per_bin, device=dev, seed=seed, progress=progress,
+                                  n_boot=cfg.n_boot)
         if name == "tsne":
             from .tsne import tsne_figure
 
-            return tsne_figure(first, d, data=data_spec, max_samples=cfg.tsne_samples, n_iter=cfg.tsne_iter,
-                               device=dev, seed=seed, progress=progress)
+            return tsne_figure(tsne_ckpts, d, data=data_spec, max_samples=cfg.tsne_samples, n_iter=cfg.tsne_iter,
+                               tsne_runs=cfg.tsne_runs, device=dev, seed=seed, progress=progress, n_boot=cfg.n_boot)
         from .offsets import offsets_by_size
 
-        return offsets_by_size(first, d, data=data_spec, num_images=cfg.offset_images, device=dev, seed=seed,
-                               progress=progress)
+        return offsets_by_size(ckpts, d, data=data_spec, per_bin=cfg.instance_per_bin, device=dev, seed=seed,
+                               progress=progress, n_boot=cfg.n_boot)
 
     for name in wanted:
         with stages(f"figure {name}"):
@@ -139,6 +164,10 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
                  "Latency and wall times depend on the machine and its load."]
         if models_dir is not None:
             notes.append(f"Models taken from {models_dir} (not trained by this run).")
+        elif cfg.source == "shipped" and need_models:
+            notes.append("Models: the converged study models shipped in erf_lab/study_models (not trained by this "
+                         "run; `--retrain` trains them anew with the same recipes).")
+        notes += model_notes
         options = dict(cfg.to_dict(), device=dev, models_dir=str(models_dir) if models_dir else None,
                        figures=list(wanted))
         earlier = [r for r in (_load_result(root, f) for f in FIGURES if f not in wanted) if r is not None]
@@ -152,6 +181,8 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         write_json(root / "run.json", {"command": command, "options": options, "failures": failures,
                                         "stage_seconds": stages.times,
                                         "checkpoints": {k: [str(p) for p in v] for k, v in ckpts.items()},
+                                        "tsne_checkpoints": {k: [str(p) for p in v] for k, v in tsne_ckpts.items()},
+                                        "effects": [e.to_dict() for r in results for e in r.effects],
                                         "summaries": {r.name: r.summary for r in results}})
     return {"results": results, "failures": failures, "report": paths[0], "html": paths[1], "config": cfg,
             "seconds": dict(stages.times)}

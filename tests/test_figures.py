@@ -14,8 +14,10 @@ import figures
 from erf_lab.errors import ErfLabError
 from figures import config as fconfig
 
-TINY = dict(ops=("conv", "dcn", "condconv", "dk"), epochs=1, batch_size=16, max_train_images=32,
-            max_eval_images=32, arch_kwargs={"widths": (4, 8, 8), "stem_width": 4, "depth": 1})
+TINY_NET = {"widths": (4, 8, 8), "stem_width": 4, "depth": 1}
+TINY = dict(source="train", ops=("conv", "dcn", "condconv", "dk"), seeds=(0,), epochs=1, batch_size=16,
+            max_train_images=32, max_eval_images=32, arch_kwargs=TINY_NET, tsne_arch="study_net",
+            tsne_arch_kwargs=TINY_NET, tsne_ops=("condconv", "dk"), tsne_seeds=(0,), tsne_epochs=1, n_boot=200)
 
 
 def _decodes(path: Path) -> None:
@@ -100,7 +102,10 @@ def test_config_errors():
         fconfig.config_for("quick", ops=("conv", "resnet"))
     with pytest.raises(ErfLabError, match="unknown figures option"):
         fconfig.config_for("quick", learning_rate=1)
-    assert fconfig.config_for("full").seeds == (0, 1, 2)
+    assert fconfig.config_for("full").seeds == (0, 1, 2) and fconfig.config_for("full").source == "train"
+    assert fconfig.config_for("quick").source == "shipped"
+    with pytest.raises(ErfLabError, match="source must be"):
+        fconfig.config_for("quick", source="web")
 
 
 def test_cached_models_are_not_retrained(tiny, monkeypatch, tmp_path):
@@ -135,7 +140,7 @@ def test_accuracy_table(tiny, tmp_path):
     from dk_ops.models import complexity
     from erf_lab import load_model
 
-    r = figures.accuracy_table(tiny["ckpts"], tmp_path, latency_repeats=2, latency_batch_sizes=(1,))
+    r = figures.accuracy_table(tiny["ckpts"], tmp_path, latency_repeats=2, latency_batch_sizes=(1,), n_boot=200)
     _figure_files(tmp_path, "accuracy")
     df = pd.read_csv(tmp_path / "accuracy.csv")
     assert list(df.op) == list(TINY["ops"])
@@ -143,16 +148,19 @@ def test_accuracy_table(tiny, tmp_path):
     assert df.latency_ms_b1.gt(0).all() and df.test_acc_mean.between(0, 1).all()
     lm = load_model(str(tiny["ckpts"]["dk"][0]))
     assert int(df.set_index("op").loc["dk", "params"]) == complexity(lm.model, (3, 64, 64))["params"]
-    assert int(df.set_index("op").loc["dk", "test_acc_mean"] * 1e6) == int(lm.meta["metrics"]["test_acc"] * 1e6)
+    # re-measured on the whole test split; the training run measured its 32-image subset
+    assert df.set_index("op").loc["dk", "recorded_test_acc_mean"] == pytest.approx(lm.meta["metrics"]["test_acc"])
+    assert (df.ci_low <= df.test_acc_mean).all() and (df.test_acc_mean <= df.ci_high).all()
     bins = pd.read_csv(tmp_path / "accuracy_per_size_bin.csv")
     assert {"op", "size_bin", "test_acc_mean"} <= set(bins)
     assert {"options", "versions", "rows"} <= set(json.loads((tmp_path / "accuracy.json").read_text()))
     assert r.table is not None and len(r.claims) >= 2
+    assert [e.measure for e in r.effects] == ["test accuracy dk - conv"]
     assert ("Warning" in " ".join(r.claims)) == bool((df.test_acc_mean < 2 * df.chance).any())
 
 
 def test_erf_comparison(tiny, tmp_path):
-    r = figures.erf_comparison(tiny["ckpts"], tmp_path, erf_images=3, instance_per_bin=1, progress=False)
+    r = figures.erf_comparison(tiny["ckpts"], tmp_path, erf_images=3, instance_per_bin=1, progress=False, n_boot=100)
     for stem in ("erf_instances", "erf_dataset", "erf_mass_in_box"):
         _figure_files(tmp_path, stem)
     per = pd.read_csv(tmp_path / "erf_mass_in_box.csv")
@@ -169,18 +177,21 @@ def test_erf_comparison(tiny, tmp_path):
         assert "image_small" in z.files and "box_large" in z.files
     meta = json.loads((tmp_path / "erf_comparison.json").read_text())
     assert meta["options"]["layer"]["conv"] == "blocks"
+    assert [e.measure for e in r.effects] == ["ERF mass in box dk - dcn", "ERF mass in box dk - conv",
+                                              "ERF spread / box side dcn - dk"]
 
 
 def test_offsets_by_size(tiny, tmp_path):
-    r = figures.offsets_by_size(tiny["ckpts"], tmp_path, num_images=8, progress=False)
+    r = figures.offsets_by_size(tiny["ckpts"], tmp_path, per_bin=1, progress=False, n_boot=100)
     _figure_files(tmp_path, "offsets")
     per = pd.read_csv(tmp_path / "offsets_per_image.csv")
     assert set(per.op) == {"dcn", "dk"}  # conv and condconv have no deformable layers
     assert set(per[per.op == "dk"].kind) == {"kernel_offset"} and set(per[per.op == "dcn"].kind) == {"offset"}
-    assert {"layer", "size_bin", "mean_abs", "mean_radial"} <= set(per) and per.mean_abs.ge(0).all()
+    assert {"layer", "size_bin", "mean_abs", "mean_radial", "kernel_dispersion"} <= set(per) and per.mean_abs.ge(0).all()
+    assert per[per.kind == "kernel_offset"].kernel_dispersion.ge(0).all()
     corr = pd.read_csv(tmp_path / "offsets_correlation.csv")
-    assert {"spearman_size_radial", "p_radial"} <= set(corr)
-    assert len(r.claims) == 2
+    assert {"spearman_size_mean_radial", "ci_low_mean_radial", "spearman_size_kernel_dispersion"} <= set(corr)
+    assert [e.claim_id for e in r.effects] == ["3", "3"] and len(r.claims) == 3
 
 
 def test_offset_statistics():
@@ -203,7 +214,8 @@ def test_offset_statistics():
 
 
 def test_tsne_figure(tiny, tmp_path):
-    r = figures.tsne_figure(tiny["ckpts"], tmp_path, max_samples=40, n_iter=250, perplexity=5, progress=False)
+    r = figures.tsne_figure(tiny["ckpts"], tmp_path, max_samples=40, n_iter=250, perplexity=5, progress=False,
+                            tsne_runs=2, n_boot=100)
     _figure_files(tmp_path, "tsne")
     scores = pd.read_csv(tmp_path / "tsne_scores.csv")
     assert {"model", "labels", "space", "knn_acc", "chance"} <= set(scores)
@@ -211,7 +223,11 @@ def test_tsne_figure(tiny, tmp_path):
     with np.load(tmp_path / "tsne_embeddings.npz") as z:
         assert z["dk_coords"].shape == (40, 2)
     assert (tmp_path / "report" / "index.html").is_file()
-    assert len(r.claims) == 1 and "CondConv" in r.claims[0]
+    grouping = pd.read_csv(tmp_path / "tsne_grouping.csv")
+    assert set(grouping.space) == {"tsne", "features"}
+    assert grouping[grouping.score == "class"].knn_acc.between(0, 1).all()  # size|class: NaN (4 samples per class)
+    assert set(grouping[grouping.space == "tsne"].replicates) == {2}  # one model seed x two t-SNE seeds
+    assert len(r.effects) == 4 and all("CondConv" in c for c in r.claims)
 
 
 # ---- the whole run, report and CLI --------------------------------------------------------------
@@ -245,11 +261,13 @@ def test_cli_figures_errors(tmp_path, capsys):
 
 def test_run_figures_with_user_models(tiny, tmp_path):
     run = figures.run_figures(tmp_path, only=["accuracy", "offsets"], models_dir=tiny["out"] / "models",
-                              progress=False, command="test", latency_repeats=1, offset_images=4)
+                              progress=False, command="test", latency_repeats=1, instance_per_bin=1, n_boot=100)
     assert run["failures"] == {}
     assert [r.name for r in run["results"]] == ["accuracy", "offsets"]
     md = run["report"].read_text()
     assert "Command: `test`" in md and "| op |" in md and "accuracy/accuracy.png" in md
+    assert md.index("## Verdicts") < md.index("## Options") and "| dk - conv" not in md
+    assert "test accuracy dk - conv" in md
     assert not (tmp_path / "models").exists()  # nothing trained
     # a later partial run keeps the earlier figures in the report
     run2 = figures.run_figures(tmp_path, only=["theory"], progress=False, command="test2", theory_depths=(1, 2))
