@@ -85,7 +85,7 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
 
     p = sub.add_parser("erf", help="effective receptive field of a unit of a layer, over images")
     model_flags(p, required=True)
-    p.add_argument("--layer", help="module name (see `erf-lab layers`); default: the model output")
+    p.add_argument("--layer", help="module name (see `erf-lab layers`); default: the last spatial layer, marked * by `erf-lab layers`")
     p.add_argument("--unit", default="center",
                    help="center (RF centred nearest the image centre) or Y,X[;Y,X...]; negative counts from the end")
     p.add_argument("--preset", default="replknet", choices=["replknet", "luo", "openerf"])

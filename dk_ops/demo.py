@@ -1,7 +1,7 @@
 """A tiny tour of the operator: ``python -m dk_ops.demo``.
 
 Prints the identities that define Deformable Kernels and the cost of each zoo
-variant. (``make demo`` runs this until the figure reproduction replaces it.)
+variant.
 """
 import torch
 import torch.nn.functional as F

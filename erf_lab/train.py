@@ -355,7 +355,7 @@ def train(
             at 3/4 until 60%, then at full size. ``"auto"``: :data:`PROGRESSIVE_RESIZE` for
             models that set ``prefers_progressive_resize`` (the study nets), else off. Study
             nets in 3-minute runs: 6 epochs more (37 vs 31, conv) and 92.0% vs 90.6% test
-            accuracy; the small-object bins gain most (README, *Training study models*).
+            accuracy; the small-object bins gain most (docs/experiments.md).
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
             on CPU for models with 2-D convolutions (:func:`erf_lab._layout.channels_last_pays`:
             oneDNN's convolutions and BatchNorm are faster there; CondConv's 5-D expert bank

@@ -45,3 +45,9 @@ def __getattr__(name: str) -> Any:
 
 def __dir__():
     return sorted(list(globals()) + list(_EXPORTS))
+
+
+# The function ``erf_comparison`` shares its module's name: importing the submodule (as
+# ``run_figures`` does) would bind the module over it, so the function is bound eagerly here,
+# after the submodule is imported.
+from .erf_comparison import erf_comparison  # noqa: E402

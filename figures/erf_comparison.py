@@ -12,7 +12,7 @@
   object's box, next to the box's share of the image (what a uniform ERF would score), and the
   ERF's spread (mass-weighted RMS radius per axis, :func:`figures._models.spread`) relative to
   the box side ``sqrt(w h)``; effects with bootstrap intervals over seeds and images
-  (:mod:`figures.stats`) for claims 2 and 5 of ``docs/design.md`` section 9.
+  (:mod:`figures.stats`) for claims 2 and 5 of ``docs/design.md`` section 7.
 """
 import math
 from pathlib import Path

@@ -12,7 +12,7 @@ when none does; global offsets have a single position):
   kernel, hence a larger ERF), negative when it contracts.
 
 For the kernel offsets of DK layers a third statistic measures how sharply the *sampled kernel*
-varies over its taps (claim 3 of ``docs/design.md`` section 9):
+varies over its taps (claim 3 of ``docs/design.md`` section 7):
 
 * ``kernel_dispersion``: with ``a_k`` the root-mean-square over output and input channels of
   the sampled kernel's tap ``k`` (the scope weight bilinearly resampled at the tap's offset

@@ -2,7 +2,7 @@
 
 Every claim of the reproduction is an *effect* (a difference of means, or a rank correlation)
 measured on per-item values of several trained seeds. Its 95% interval comes from a
-hierarchical bootstrap (``docs/design.md`` section 9): each replicate draws the seeds with
+hierarchical bootstrap (``docs/design.md`` section 7): each replicate draws the seeds with
 replacement, then the items (images, samples) with replacement, *the same draw for every model
 compared*, so differences are paired wherever the models saw the same items. The verdict reads
 the interval against zero in the claimed direction:
@@ -37,7 +37,7 @@ class Effect:
         direction: +1 when the claim predicts a positive effect, -1 a negative one.
         verdict: ``holds``, ``contradicted`` or ``inconclusive``.
         n: a short description of the sample (seeds x items).
-        claim_id: the claim's number in the paper's section 5.3 list (``docs/design.md`` section 9).
+        claim_id: the claim's number in the paper's section 5.3 list (``docs/design.md`` section 7).
     """
 
     claim: str

@@ -5,7 +5,7 @@ Features of every model and seed on the same samples (stratified by class and si
 :func:`analyses.features.extract_features`), t-SNE maps for several t-SNE seeds
 (:func:`analyses.embedding.embed`), and two k-NN scores per point (:func:`analyses.scores.knn_hits`):
 the size bin predicted within each class (``size|class``, immune to any class/size correlation
-of the data) and the class. Claim 4 (``docs/design.md`` section 9) compares DK with CondConv on
+of the data) and the class. Claim 4 (``docs/design.md`` section 7) compares DK with CondConv on
 both, in the t-SNE map (replicates: model seeds x t-SNE seeds) and in the feature space (model
 seeds), with bootstrap intervals over the replicates and the samples. The first seed's maps
 and scores also go to the analyses HTML report (``report/``).

@@ -95,6 +95,13 @@ def test_linear_erf_theory_files_and_numbers(tmp_path):
 
 
 # ---- models and cache ---------------------------------------------------------------------------
+def test_erf_comparison_stays_the_function_after_its_module_is_imported():
+    import figures.erf_comparison  # noqa: F401  (binds the submodule on first import)
+    import figures.run  # noqa: F401
+
+    assert callable(figures.erf_comparison) and figures.erf_comparison.__name__ == "erf_comparison"
+
+
 def test_config_errors():
     with pytest.raises(ErfLabError, match="mode"):
         fconfig.config_for("medium")

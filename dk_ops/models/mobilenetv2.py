@@ -58,7 +58,7 @@ class MobileNetV2(nn.Module):
     each block starts as the identity (Goyal et al., 2017; timm's ``zero_init_last``). Off by
     default, as in torchvision: trained from scratch on ``digits-ms`` at width 0.5 it left the
     initial plateau sooner in two 8-epoch runs but stayed at chance for 33 of 41 epochs in the
-    benchmark's 10-minute run (README, *Training study models*).
+    benchmark's 10-minute run (docs/experiments.md).
     """
 
     # erf_lab.train's size curriculum by default (large objects first): trained from scratch on

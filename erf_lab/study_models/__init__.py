@@ -1,7 +1,7 @@
 """The study models shipped with erf-lab: converged digits-ms checkpoints of every operator variant.
 
 Each file here is an ordinary erf-lab checkpoint (``torch.load(path, weights_only=True)``
-reads it; ``docs/design.md`` section 6 has the format) whose ``study`` entry records how it
+reads it; ``docs/design.md`` section 4 has the format; section 6 this package) whose ``study`` entry records how it
 was made: the recipe, the equivalent ``erf-lab train`` command, the seed, the versions, and its
 test accuracy measured on the shipped (compact) weights, overall and on :data:`SUBSET_SIZE`
 fixed test images that ``tests`` re-measure. ``scripts/train_study_models.py`` retrains them.

@@ -1,0 +1,82 @@
+"""The shipped study models: every recipe shipped, each file a safe-loadable erf-lab checkpoint
+whose recorded accuracy is re-measured here on its fixed test subset, names resolve, and the
+retrain script's ship step round-trips."""
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+from erf_lab import load_model, study_models
+from erf_lab.errors import ErfLabError
+
+SHIPPED = study_models.available()
+
+
+def test_every_recipe_is_shipped_and_nothing_else():
+    names = {r.name for r in study_models.RECIPES}
+    assert {p.stem for p in SHIPPED} == names
+    ops = {r.op for r in study_models.RECIPES if r.arch == "study_net"}
+    assert ops == {"conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn"}
+    assert {r.seed for r in study_models.RECIPES if r.arch == "study_net"} == {0, 1, 2}
+    mnv2 = [r for r in study_models.RECIPES if r.arch == "mobilenet_v2"]
+    assert {r.op for r in mnv2} == {"conv", "condconv", "dk"} and {r.seed for r in mnv2} == {0, 1}
+    assert all(r.arch_kwargs == {"width_mult": 0.5} for r in mnv2)
+    assert sum(p.stat().st_size for p in SHIPPED) < 25e6
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_checkpoint_is_safe_converged_and_still_measures_what_it_records(path):
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "erf-lab-checkpoint"
+    info = ckpt["study"]
+    recipe = study_models.Recipe(**info["recipe"])
+    assert info["name"] == recipe.name == path.stem and info["seed"] == recipe.seed
+    assert info["command"] == recipe.command()
+    assert {"torch", "erf_lab", "python"} <= set(info["versions"])
+    assert info["test_images"] == 1080 and info["test_acc"] >= 0.90
+    # the training command is a real `erf-lab train` command line with the recipe's arguments
+    args = cli.build_parser().parse_args(shlex.split(info["command"])[1:])
+    assert (args.arch, args.op, args.epochs, args.seed, args.data) == (recipe.arch, recipe.op, recipe.epochs,
+                                                                      recipe.seed, recipe.data)
+    assert (args.width_mult is None) == ("width_mult" not in recipe.arch_kwargs)
+    # re-measured on the fixed subset: a change to the data generator or the model code shows here
+    assert study_models.subset_accuracy(ckpt) == (info["subset_correct"], info["subset_size"])
+    assert info["subset_size"] == study_models.SUBSET_SIZE
+
+
+def test_names_resolve_with_defaults_and_bad_names_list_the_choices():
+    assert study_models.resolve("study:dk") == study_models.SHIPPED_DIR / "study_net-dk-s0.pt"
+    assert study_models.resolve("study:dk-s2").name == "study_net-dk-s2.pt"
+    assert study_models.resolve("study:mobilenet_v2-condconv").name == "mobilenet_v2-condconv-s0.pt"
+    with pytest.raises(ErfLabError, match="no shipped study model 'resnet'.*study_net-dk-s0"):
+        study_models.resolve("study:resnet")
+    lm = load_model("study:dcn-s1")
+    assert lm.meta["arch_kwargs"]["op"] == "dcn" and lm.meta["study"]["seed"] == 1
+
+
+def test_cli_models_lists_the_shipped_models_with_accuracy(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "study_net" in out and "study:study_net-dk-s0" in out and "test acc 0." in out
+
+
+def test_ship_round_trip_on_a_tiny_run(tmp_path):
+    recipe = study_models.Recipe("study_net", "dk", 0, 1, arch_kwargs={"widths": (4, 8, 8), "stem_width": 4, "depth": 1})
+    from erf_lab.train import train
+
+    work = tmp_path / "work" / f"{recipe.name}.pt"
+    train(recipe.arch, recipe.op, recipe.data, recipe.epochs, work, arch_kwargs=dict(recipe.arch_kwargs),
+          max_train_images=64, max_eval_images=64, progress=False)
+    target = tmp_path / "ship" / f"{recipe.name}.pt"
+    assert study_models.shipped_recipe(target) is None
+    info = study_models.ship(work, target, recipe)
+    assert study_models.shipped_recipe(target) == recipe.to_dict()
+    ckpt = torch.load(str(target), weights_only=True)
+    weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert {v.dtype for v in weights if v.dim() >= 2} == {torch.float16}
+    assert {v.dtype for v in weights if v.dim() < 2} == {torch.float32}
+    assert 0 <= info["test_acc"] <= 1 and info["test_images"] == 1080 and info["subset_size"] == 300
+    lm = load_model(str(target))
+    assert next(lm.model.parameters()).dtype == torch.float32
