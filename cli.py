@@ -230,6 +230,8 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
                         "30%% of the run, 3/4 until 60%%; default auto: that, for study_net)")
     p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")
     p.add_argument("--width-mult", type=float, help="model width multiplier (mobilenet_v2)")
+    p.add_argument("--offset-clip", choices=["scope"],
+                   help="keep DK kernel samples inside the scope (zoo models; default: unclipped)")
     p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")
     p.add_argument("--max-eval-images", type=int, help="validate and test on seeded subsets")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
@@ -239,6 +241,8 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
         from erf_lab.train import companion_paths, train
 
         kwargs = {} if args.width_mult is None else {"width_mult": args.width_mult}
+        if args.offset_clip is not None:
+            kwargs["offset_clip"] = args.offset_clip
         epochs = args.epochs if args.epochs is not None else (10 if args.time_budget is None else 1000)
         m = train(
             args.arch, args.op, args.data, epochs, args.out, seed=args.seed, device=args.device,

@@ -41,6 +41,7 @@ def test_shipped_checkpoint_is_safe_converged_and_still_measures_what_it_records
     assert (args.arch, args.op, args.epochs, args.seed, args.data) == (recipe.arch, recipe.op, recipe.epochs,
                                                                       recipe.seed, recipe.data)
     assert (args.width_mult is None) == ("width_mult" not in recipe.arch_kwargs) and args.lr == recipe.lr
+    assert args.offset_clip == recipe.arch_kwargs.get("offset_clip")
     # re-measured on the fixed subset: a change to the data generator or the model code shows here
     assert study_models.subset_accuracy(ckpt) == (info["subset_correct"], info["subset_size"])
     assert info["subset_size"] == study_models.SUBSET_SIZE

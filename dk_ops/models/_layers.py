@@ -22,12 +22,14 @@ def make_conv(
     scope_size: Optional[IntPair] = None,
     num_experts: int = 4,
     modulated: bool = False,
+    offset_clip: Optional[str] = None,
 ) -> nn.Module:
     """A convolution layer of the chosen ``op``, with ``nn.Conv2d``'s arguments.
 
     ``padding`` defaults to "same" for odd kernels (``dilation * (k - 1) // 2``);
     ``scope_size`` defaults to ``kernel_size + 1`` for the DK variants (the
-    paper's 3x3 kernel from a 4x4 scope).
+    paper's 3x3 kernel from a 4x4 scope); ``offset_clip="scope"`` keeps their
+    kernel samples inside the scope (``dk_ops.modules``).
     """
     k = pair(kernel_size, "kernel_size")
     d = pair(dilation, "dilation")
@@ -42,5 +44,5 @@ def make_conv(
         return CondConv2d(in_channels, out_channels, k, num_experts=num_experts, **common)
     dk_classes = {"dk_global": GlobalDeformKernel2d, "dk": DeformKernel2d, "dk_dcn": DeformKernelConv2d}
     if op in dk_classes:
-        return dk_classes[op](in_channels, out_channels, k, scope_size=scope_size, **common)
+        return dk_classes[op](in_channels, out_channels, k, scope_size=scope_size, offset_clip=offset_clip, **common)
     raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
