@@ -8,12 +8,13 @@ command, seed, recipe and versions recorded in its ``study`` entry. A model alre
 with the same recipe is skipped, and an interrupted training resumes from ``WORK/NAME.last.pt``.
 
     python scripts/train_study_models.py                    # everything, one after another
-    python scripts/train_study_models.py --shard 0/2 &      # two processes, one thread each
-    python scripts/train_study_models.py --shard 1/2 &
+    python scripts/train_study_models.py --threads 1 &      # two processes, one thread each: they
+    python scripts/train_study_models.py --threads 1 &      #   share the list (a lock per model)
     python scripts/train_study_models.py --only study_net-dk-s0 --device cuda
 """
 import argparse
 import fnmatch
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     i, n = (int(v) for v in args.shard.split("/"))
     recipes = [r for r in study_models.RECIPES if not args.only or any(fnmatch.fnmatch(r.name, g) for g in args.only)]
     recipes = recipes[i::n]
+    recipes.sort(key=lambda r: r.arch == "study_net")  # the long MobileNetV2 runs first: a shorter makespan
     if args.list:
         for r in recipes:
             print(f"{r.name:28s} {r.command()}")
@@ -53,10 +55,19 @@ def main(argv=None) -> int:
         if not args.force and study_models.shipped_recipe(target) == recipe.to_dict():
             print(f"[{k}/{len(recipes)}] {recipe.name}: shipped, skipped", flush=True)
             continue
-        t0 = time.perf_counter()
-        print(f"[{k}/{len(recipes)}] {recipe.name}: {recipe.command()}", flush=True)
-        best = study_models.train_recipe(recipe, work, device=args.device)
-        info = study_models.ship(best, target, recipe)
+        lock = work / f"{recipe.name}.lock"
+        try:  # another process of this script trains it (a lock left by a killed run: delete it)
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            print(f"[{k}/{len(recipes)}] {recipe.name}: locked by another process ({lock}), skipped", flush=True)
+            continue
+        try:
+            t0 = time.perf_counter()
+            print(f"[{k}/{len(recipes)}] {recipe.name}: {recipe.command()}", flush=True)
+            best = study_models.train_recipe(recipe, work, device=args.device)
+            info = study_models.ship(best, target, recipe)
+        finally:
+            lock.unlink()
         print(f"[{k}/{len(recipes)}] {recipe.name}: test acc {info['test_acc']:.4f} "
               f"(subset {info['subset_correct']}/{info['subset_size']}), {time.perf_counter() - t0:.0f}s -> {target}",
               flush=True)

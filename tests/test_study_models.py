@@ -81,3 +81,16 @@ def test_ship_round_trip_on_a_tiny_run(tmp_path):
     assert 0 <= info["test_acc"] <= 1 and info["test_images"] == 1080 and info["subset_size"] == 300
     lm = load_model(str(target))
     assert next(lm.model.parameters()).dtype == torch.float32
+
+
+def test_figures_retrain_uses_the_shipped_recipes():
+    from figures.config import config_for
+
+    cfg = config_for("full")
+    for r in study_models.RECIPES:
+        key = cfg.training_key(r.op, r.seed, tsne=r.arch != cfg.arch)
+        assert (key["arch"], key["arch_kwargs"], key["epochs"], key["data"], key["lr"]) == \
+            (r.arch, dict(r.arch_kwargs), r.epochs, r.data, r.lr), r.name
+        assert key["max_train_images"] is None and key["max_eval_images"] is None
+    assert set(cfg.seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.arch}
+    assert set(cfg.tsne_seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.tsne_arch}

@@ -21,7 +21,7 @@ import torch
 from ..errors import ErfLabError
 
 __all__ = ["Recipe", "RECIPES", "SHIPPED_DIR", "SUBSET_SIZE", "SPEC_PREFIX", "available", "resolve",
-           "is_spec", "study_info", "shipped_recipe", "train_recipe", "ship", "subset_accuracy"]
+           "is_spec", "op_kwargs", "study_info", "shipped_recipe", "train_recipe", "ship", "subset_accuracy"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 SPEC_PREFIX = "study:"
@@ -66,16 +66,21 @@ class Recipe:
         return shlex.join(words + ["--out", out or f"{self.name}.pt"])
 
 
+def op_kwargs(arch: str, op: str) -> Dict[str, Any]:
+    """Model arguments a recipe adds for ``op`` in ``arch``: DK's MobileNetV2 clips its kernel
+    offsets to the scope (unclipped they left the 4x4 scope, mean 2-5 cells by epoch 6, the
+    sampled kernels vanished and the network output a constant, loss ln 10)."""
+    return {"offset_clip": "scope"} if arch == "mobilenet_v2" and op == "dk" else {}
+
+
 def _recipes() -> Tuple[Recipe, ...]:
     # seed 0 of everything first, so a partial run already covers every figure
     out: List[Recipe] = []
     for seed in (0, 1, 2):
         out += [Recipe("study_net", op, seed, 50) for op in _STUDY_OPS]
         if seed < 2:
-            # DK's MobileNetV2 without a clip: its kernel offsets left the 4x4 scope (mean 2-5 cells
-            # by epoch 6), the sampled kernels became zero and the network a constant (loss ln 10)
             out += [Recipe("mobilenet_v2", op, seed, 40,
-                           arch_kwargs={"width_mult": 0.5, **({"offset_clip": "scope"} if op == "dk" else {})})
+                           arch_kwargs={"width_mult": 0.5, **op_kwargs("mobilenet_v2", op)})
                     for op in ("conv", "condconv", "dk")]
     return tuple(out)
 
