@@ -281,3 +281,36 @@ def test_run_figures_with_user_models(tiny, tmp_path):
     md = run2["report"].read_text()
     assert "Command: `test2`" in md and "accuracy/accuracy.png" in md and "theory/theory.png" in md
     assert "from an earlier run" in md and md.index("Linear ERF theory") < md.index("Accuracy, size")
+
+
+def test_figures_report_opens_with_the_verdicts_and_renders_in_chromium(tiny, tmp_path):
+    import os
+    import re
+    import subprocess
+
+    from tests.test_report_html import CHECK, CHROMIUM
+
+    assert CHROMIUM, "chromium is needed (.ci/run installs it: apt-get install chromium)"
+    run = figures.run_figures(tmp_path, only=["accuracy", "erf"], models_dir=tiny["out"] / "models", progress=False,
+                              command="test", latency_repeats=1, instance_per_bin=1, erf_images=2, n_boot=100)
+    effects = [e for r in run["results"] for e in r.effects]
+    assert run["failures"] == {} and len(effects) == 4
+    html = run["html"].read_text()
+    assert html.index("id='verdicts'") < html.index("<h2>Accuracy")
+    page = tmp_path / "page.html"
+    page.write_text(html.replace("</body>", CHECK.replace("document.body.appendChild(d);", """
+  d.setAttribute('data-verdicts', document.querySelectorAll('#verdicts tbody tr').length);
+  d.setAttribute('data-words', Array.prototype.map.call(document.querySelectorAll('#verdicts td.verdict'),
+                                                        function (t) { return t.textContent; }).join(','));
+  document.body.appendChild(d);""") + "</body>"), encoding="utf-8")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           "--window-size=1280,1000", "--virtual-time-budget=10000", "--allow-file-access-from-files", "--dump-dom",
+           page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    m = re.search(r'id="img-check" data-total="(\d+)" data-ok="(\d+)" data-width="(\d+)" '
+                  r'data-verdicts="(\d+)" data-words="([a-z,]*)"', proc.stdout)
+    assert m, f"no check element in the dumped DOM (rc={proc.returncode}): {proc.stderr[-500:]}"
+    total, ok, _, rows = (int(v) for v in m.groups()[:4])
+    assert total == ok == 4  # accuracy, erf_instances, erf_dataset, erf_mass_in_box
+    assert rows == len(effects) and m.group(5).split(",") == [e.verdict for e in effects]
