@@ -72,7 +72,7 @@ def write_report(out_dir: PathLike, results: Sequence[FigureResult], *, command:
     """
     root = Path(out_dir)
     failures = failures or {}
-    effects = [e for r in results for e in r.effects]
+    effects = sorted((e for r in results for e in r.effects), key=lambda e: e.claim_id)  # stable: figure order within a claim
     md: List[str] = ["# erf-lab figures: results", "", f"Command: `{command}`", ""]
     if effects:
         md += _verdict_markdown(effects)

@@ -313,4 +313,5 @@ def test_figures_report_opens_with_the_verdicts_and_renders_in_chromium(tiny, tm
     assert m, f"no check element in the dumped DOM (rc={proc.returncode}): {proc.stderr[-500:]}"
     total, ok, _, rows = (int(v) for v in m.groups()[:4])
     assert total == ok == 4  # accuracy, erf_instances, erf_dataset, erf_mass_in_box
-    assert rows == len(effects) and m.group(5).split(",") == [e.verdict for e in effects]
+    assert rows == len(effects)
+    assert m.group(5).split(",") == [e.verdict for e in sorted(effects, key=lambda e: e.claim_id)]
