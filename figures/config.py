@@ -87,12 +87,13 @@ class FiguresConfig:
 
     def training_key(self, op: str, seed: int, tsne: bool = False) -> Dict[str, Any]:
         """What identifies a trained checkpoint: a cached one is reused only when this matches."""
-        from erf_lab.study_models import op_kwargs
+        from erf_lab.study_models import op_kwargs, op_train_kwargs
 
         arch, kwargs, epochs = self.network(tsne)
         return jsonable({"data": self.data, "arch": arch, "arch_kwargs": {**op_kwargs(arch, op), **dict(kwargs)}, "op": op,
                          "seed": seed, "image_size": self.image_size, "epochs": epochs,
                          "batch_size": self.batch_size, "lr": self.lr,
+                         "offset_lr_mult": op_train_kwargs(arch, op).get("offset_lr_mult"),
                          "max_train_images": self.max_train_images, "max_eval_images": self.max_eval_images})
 
     def network(self, tsne: bool = False) -> Tuple[str, Mapping[str, Any], int]:
@@ -202,7 +203,7 @@ def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int]) -> Dict[str, L
 
 def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping[str, Any], epochs: int,
              ops: Sequence[str], seeds: Sequence[int], tsne: bool, device: str, progress: bool) -> Dict[str, List[Path]]:
-    from erf_lab.study_models import op_kwargs
+    from erf_lab.study_models import op_kwargs, op_train_kwargs
     from erf_lab.train import companion_paths, train
 
     out: Dict[str, List[Path]] = {}
@@ -229,7 +230,7 @@ def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping
                       flush=True)
             train(arch, op, config.data, epochs, ckpt, seed=seed, device=device, resume=resume,
                   batch_size=config.batch_size, lr=config.lr, image_size=config.image_size,
-                  arch_kwargs=kwargs,
+                  arch_kwargs=kwargs, offset_lr_mult=op_train_kwargs(arch, op).get("offset_lr_mult", "auto"),
                   max_train_images=config.max_train_images, max_eval_images=config.max_eval_images,
                   progress=progress)
             write_json(stamp, {"key": key, "complete": True})

@@ -42,6 +42,7 @@ def test_shipped_checkpoint_is_safe_converged_and_still_measures_what_it_records
                                                                       recipe.seed, recipe.data)
     assert (args.width_mult is None) == ("width_mult" not in recipe.arch_kwargs) and args.lr == recipe.lr
     assert args.offset_clip == recipe.arch_kwargs.get("offset_clip")
+    assert (None if args.offset_lr_mult == "auto" else args.offset_lr_mult) == recipe.offset_lr_mult
     # re-measured on the fixed subset: a change to the data generator or the model code shows here
     assert study_models.subset_accuracy(ckpt) == (info["subset_correct"], info["subset_size"])
     assert info["subset_size"] == study_models.SUBSET_SIZE
@@ -89,8 +90,8 @@ def test_figures_retrain_uses_the_shipped_recipes():
     cfg = config_for("full")
     for r in study_models.RECIPES:
         key = cfg.training_key(r.op, r.seed, tsne=r.arch != cfg.arch)
-        assert (key["arch"], key["arch_kwargs"], key["epochs"], key["data"], key["lr"]) == \
-            (r.arch, dict(r.arch_kwargs), r.epochs, r.data, r.lr), r.name
+        assert (key["arch"], key["arch_kwargs"], key["epochs"], key["data"], key["lr"], key["offset_lr_mult"]) == \
+            (r.arch, dict(r.arch_kwargs), r.epochs, r.data, r.lr, r.offset_lr_mult), r.name
         assert key["max_train_images"] is None and key["max_eval_images"] is None
     assert set(cfg.seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.arch}
     assert set(cfg.tsne_seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.tsne_arch}
