@@ -12,20 +12,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 EXIT_USAGE = 2
 
-# Subcommands not built yet: (name, one-line help). Each section below removes its
-# names from here when it registers the real subcommand.
-_PLANNED = {
-}
-
 Handlers = Dict[str, Callable[[argparse.Namespace], int]]
-
-
-def _not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"erf-lab {name}: not implemented yet", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
 
 
 def _cmd_ops(args: argparse.Namespace) -> int:
@@ -395,9 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub, handlers)
     _add_tsne_commands(sub, handlers)
     _add_figures_command(sub, handlers)
-    for name, help_text in _PLANNED.items():
-        sub.add_parser(name, help=help_text, add_help=True)
-        handlers[name] = _not_implemented(name)
 
     parser.set_defaults(_handlers=handlers)
     return parser
@@ -438,8 +422,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if unknown:
-        if args.command in _PLANNED:
-            return _not_implemented(args.command)(args)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from erf_lab._io import discard_created, reset_written
 

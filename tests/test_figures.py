@@ -315,3 +315,17 @@ def test_figures_report_opens_with_the_verdicts_and_renders_in_chromium(tiny, tm
     assert total == ok == 4  # accuracy, erf_instances, erf_dataset, erf_mass_in_box
     assert rows == len(effects)
     assert m.group(5).split(",") == [e.verdict for e in sorted(effects, key=lambda e: e.claim_id)]
+
+
+def test_two_runs_give_identical_numbers_and_verdicts(tiny, tmp_path):
+    def effects(out):
+        t = figures.tsne_figure(tiny["ckpts"], out / "tsne", max_samples=200, n_iter=250, perplexity=5, progress=False,
+                                tsne_runs=2, n_boot=100)
+        e = figures.erf_comparison(tiny["ckpts"], out / "erf", erf_images=2, instance_per_bin=2, progress=False,
+                                   n_boot=100)
+        return [x.to_dict() for x in t.effects + e.effects], pd.read_csv(out / "tsne" / "tsne_grouping.csv")
+
+    (a, ga), (b, gb) = effects(tmp_path / "a"), effects(tmp_path / "b")
+    assert np.isfinite([x["effect"] for x in a]).all()
+    assert json.dumps(a) == json.dumps(b)
+    pd.testing.assert_frame_equal(ga, gb)
