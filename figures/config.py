@@ -144,7 +144,8 @@ def _user_checkpoint(models_dir: Path, arch: str, op: str, seed: int, tsne: bool
 
 
 def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Optional[PathLike] = None,
-                   device: str = "cpu", progress: bool = True, tsne: bool = False) -> Dict[str, List[Path]]:
+                   device: str = "cpu", progress: bool = True, tsne: bool = False,
+                   notes: Optional[List[str]] = None) -> Dict[str, List[Path]]:
     """Checkpoints of every variant, ``{op: [path per seed]}``: shipped, trained, cached or the user's.
 
     Args:
@@ -159,6 +160,7 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
         device: training device.
         progress: training progress bars and epoch lines.
         tsne: the t-SNE network's variants (``config.tsne_*``) instead of the study net's.
+        notes: collects report lines (shipped seeds left out because a variant lacks them).
 
     Raises:
         ErfLabError: no checkpoint found in ``models_dir``; shipped models missing; training failures.
@@ -179,26 +181,28 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
             raise ErfLabError(f"--models {md}: no checkpoint named {names} for OP in {', '.join(ops)}")
         return out
     if config.source == "shipped":
-        return _shipped(arch, ops, seeds)
+        return _shipped(arch, ops, seeds, notes)
     return _trained(config, Path(out_dir) / "models", arch, arch_kwargs, epochs, ops, seeds, tsne, device, progress)
 
 
-def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[Path]]:
+def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int], notes: Optional[List[str]] = None) -> Dict[str, List[Path]]:
+    """The shipped checkpoints of the requested seeds that every variant has (statistics pair the
+    variants seed by seed); a missing seed is left out with a note, no complete seed is an error."""
     from erf_lab import study_models
 
-    out: Dict[str, List[Path]] = {}
-    missing = []
-    for op in ops:
-        for seed in seeds:
-            path = study_models.SHIPPED_DIR / f"{arch}-{op}-s{seed}.pt"
-            if path.is_file():
-                out.setdefault(op, []).append(path)
-            else:
-                missing.append(path.stem)
-    if missing:
+    def path(op: str, seed: int) -> Path:
+        return study_models.SHIPPED_DIR / f"{arch}-{op}-s{seed}.pt"
+
+    complete = [s for s in seeds if all(path(op, s).is_file() for op in ops)]
+    missing = [path(op, s).stem for s in seeds for op in ops if not path(op, s).is_file()]
+    if not complete:
         raise ErfLabError(f"shipped study models missing: {', '.join(missing)} (retrain them with "
                           "`python scripts/train_study_models.py`, or train here with --retrain)")
-    return out
+    if missing and notes is not None:
+        notes.append(f"{arch}: seed(s) {', '.join(str(s) for s in seeds if s not in complete)} left out: "
+                     f"not shipped for every variant ({', '.join(missing)} missing; "
+                     "`python scripts/train_study_models.py` trains them).")
+    return {op: [path(op, s) for s in complete] for op in ops}
 
 
 def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping[str, Any], epochs: int,

@@ -105,17 +105,20 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         where = {"shipped": "shipped", "train": "trained"}[cfg.source] if models_dir is None else f"from {models_dir}"
         with stages(f"models ({where}): {len(cfg.ops)} variants x {len(cfg.seeds)} seed(s) of {cfg.arch}, "
                     f"{len(cfg.tsne_ops)} x {len(cfg.tsne_seeds)} of {cfg.tsne_arch} on {cfg.data}"):
-            ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress)
+            ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress, notes=model_notes)
             if "tsne" in wanted:
                 try:
                     tsne_ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress,
-                                                tsne=True)
+                                                tsne=True, notes=model_notes)
                 except ErfLabError:
                     if models_dir is None:
                         raise
                     tsne_ckpts = {op: ckpts[op] for op in cfg.tsne_ops if op in ckpts}
                     model_notes.append(f"No {cfg.tsne_arch} checkpoints in {models_dir}: the t-SNE figure uses "
                                        f"the {cfg.arch} models.")
+            if progress:
+                for note in model_notes:
+                    print(f"  note: {note}", flush=True)
     seed = 0
     results: List[FigureResult] = []
     failures: Dict[str, str] = {}

@@ -14,9 +14,10 @@ from erf_lab.errors import ErfLabError
 SHIPPED = study_models.available()
 
 
-def test_every_recipe_is_shipped_and_nothing_else():
+def test_shipped_files_are_recipes_and_every_seed_0_is_shipped():
     names = {r.name for r in study_models.RECIPES}
-    assert {p.stem for p in SHIPPED} == names
+    assert {p.stem for p in SHIPPED} <= names
+    assert {r.name for r in study_models.RECIPES if r.seed == 0} <= {p.stem for p in SHIPPED}
     ops = {r.op for r in study_models.RECIPES if r.arch == "study_net"}
     assert ops == {"conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn"}
     assert {r.seed for r in study_models.RECIPES if r.arch == "study_net"} == {0, 1, 2}
@@ -95,3 +96,17 @@ def test_figures_retrain_uses_the_shipped_recipes():
         assert key["max_train_images"] is None and key["max_eval_images"] is None
     assert set(cfg.seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.arch}
     assert set(cfg.tsne_seeds) == {r.seed for r in study_models.RECIPES if r.arch == cfg.tsne_arch}
+
+
+def test_figures_use_the_seeds_every_variant_has(tmp_path, monkeypatch):
+    from figures.config import _shipped
+
+    monkeypatch.setattr(study_models, "SHIPPED_DIR", tmp_path)
+    for name in ("study_net-conv-s0", "study_net-dk-s0", "study_net-conv-s1"):
+        (tmp_path / f"{name}.pt").touch()
+    notes = []
+    got = _shipped("study_net", ("conv", "dk"), (0, 1), notes)
+    assert got == {"conv": [tmp_path / "study_net-conv-s0.pt"], "dk": [tmp_path / "study_net-dk-s0.pt"]}
+    assert len(notes) == 1 and "seed(s) 1 left out" in notes[0] and "study_net-dk-s1" in notes[0]
+    with pytest.raises(ErfLabError, match="shipped study models missing: study_net-dcn-s0"):
+        _shipped("study_net", ("conv", "dcn"), (0,))
