@@ -23,7 +23,8 @@ def test_shipped_files_are_recipes_and_every_seed_0_is_shipped():
     assert {r.seed for r in study_models.RECIPES if r.arch == "study_net"} == {0, 1, 2}
     mnv2 = [r for r in study_models.RECIPES if r.arch == "mobilenet_v2"]
     assert {r.op for r in mnv2} == {"conv", "condconv", "dk"} and {r.seed for r in mnv2} == {0, 1}
-    assert all(r.arch_kwargs == {"width_mult": 0.5} for r in mnv2)
+    assert all(r.arch_kwargs == {"width_mult": 0.5, **study_models.op_kwargs(r.arch, r.op)} for r in mnv2)
+    assert [r.name for r in mnv2 if r.offset_lr_mult is not None] == ["mobilenet_v2-dk-s0", "mobilenet_v2-dk-s1"]
     assert sum(p.stat().st_size for p in SHIPPED) < 25e6
 
 
