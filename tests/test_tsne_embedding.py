@@ -32,8 +32,8 @@ def test_sklearn_embedding_keeps_clusters_and_is_seeded():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.skipif(not HAS_OPENTSNE, reason="openTSNE is not installed (optional extra: pip install 'erf-lab[tsne]')")
 def test_opentsne_embedding_keeps_clusters_and_is_seeded():
+    assert HAS_OPENTSNE, "openTSNE is needed (the test extra installs it)"
     x, y = _blobs()
     a, info = embed(x, perplexity=10, n_iter=250, backend="opentsne", seed=3, n_jobs=1, progress=False)
     assert info["backend"] == "opentsne" and info["gradient"] == "bh"  # FFT from 10,000 points
