@@ -102,17 +102,17 @@ def sample_per_bin(size_bins: np.ndarray, per_bin: int, seed: int) -> Dict[int, 
     return out
 
 
-def checkpoint_first(checkpoints: Mapping[str, Any]) -> Dict[str, Path]:
-    """``{op: path}`` from ``{op: path}`` or ``{op: [path per seed]}`` (the first seed)."""
-    return {op: Path(p[0] if isinstance(p, (list, tuple)) else p) for op, p in checkpoints.items()}
-
-
 def checkpoints_per_seed(checkpoints: Mapping[str, Any]) -> Dict[str, List[Path]]:
     """``{op: [path per seed]}`` from ``{op: path}`` or ``{op: [path per seed]}``, cut to the seed
     count every variant has (the statistics pair the variants seed by seed)."""
     lists = {op: [Path(q) for q in (p if isinstance(p, (list, tuple)) else [p])] for op, p in checkpoints.items()}
     n = min((len(v) for v in lists.values()), default=0)
     return {op: v[:n] for op, v in lists.items()}
+
+
+def checkpoint_names(checkpoints: Mapping[str, Any]) -> Dict[str, List[str]]:
+    """``{op: [path string per seed]}`` of ``{op: path}`` or ``{op: [path per seed]}`` (run metadata)."""
+    return {op: [str(q) for q in (p if isinstance(p, (list, tuple)) else [p])] for op, p in checkpoints.items()}
 
 
 def load_seeds(checkpoints: Mapping[str, Any], device: str = "cpu") -> Dict[str, List[Any]]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json, write_npz
-from ._models import (box_mask, display_image, grid_geometry, instance_erf_maps, last_spatial_layer, load_seeds,
+from ._models import (box_mask, checkpoint_names, display_image, grid_geometry, instance_erf_maps, last_spatial_layer, load_seeds,
                       mass_in_box, open_test_data, sample_per_bin, spread, stack_items, unit_for_point)
 from .stats import Effect
 
@@ -197,8 +197,7 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
     summary = {"mass_in_box_mean": mean_by_op, "teaser_indices": teaser, "layers": layers,
                "dataset_luo_size": dict(zip(ds_df.op, ds_df.luo_size)), "instance_images": int(len(idx)),
                "seeds": n_seeds}
-    options = dict(checkpoints={k: [str(p) for p in (v if isinstance(v, (list, tuple)) else [v])]
-                                for k, v in checkpoints.items()}, data=ds.spec,
+    options = dict(checkpoints=checkpoint_names(checkpoints), data=ds.spec,
                    split=ds.split, layer=layers, erf_images=erf_images, instance_per_bin=instance_per_bin,
                    instance_preset="replknet", instance_grad_rectify="abs", dataset_preset="replknet",
                    device=device, n_boot=n_boot)

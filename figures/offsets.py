@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json
-from ._models import load_seeds, open_test_data, sample_per_bin, stack_items
+from ._models import checkpoint_names, load_seeds, open_test_data, sample_per_bin, stack_items
 from .stats import Effect
 
 __all__ = ["offsets_by_size", "offset_effects", "tap_rms"]
@@ -276,8 +276,7 @@ def offsets_by_size(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: 
     files.append(write_csv(out / "offsets_per_image.csv", per))
     files.append(write_csv(out / "offsets_by_bin.csv", by_bin))
     files.append(write_csv(out / "offsets_correlation.csv", corr))
-    options = dict(checkpoints={k: [str(p) for p in (v if isinstance(v, (list, tuple)) else [v])]
-                                for k, v in checkpoints.items()}, data=ds.spec, split=ds.split, per_bin=per_bin,
+    options = dict(checkpoints=checkpoint_names(checkpoints), data=ds.spec, split=ds.split, per_bin=per_bin,
                    batch_size=batch_size, device=device, n_boot=n_boot,
                    positions="cells whose centre (evenly tiled grid) lies inside the box")
     summary = {"correlation": corr_rows}

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json, write_npz
-from ._models import load_seeds
+from ._models import checkpoint_names, load_seeds
 from .stats import Effect
 
 __all__ = ["tsne_figure", "tsne_effects", "grouping_hits"]
@@ -141,8 +141,7 @@ def tsne_figure(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: Opti
                            "silhouette_class": score(op, "class", "silhouette"),
                            "silhouette_size_within_class": score(op, "size|class", "silhouette")} for op in ops])
     claims = [f"{e.claim}: {e.measure} = {e.effect:+.3f}, 95% CI {e.ci()}: {e.verdict}." for e in effects]
-    options = dict(checkpoints={k: [str(p) for p in (v if isinstance(v, (list, tuple)) else [v])]
-                                for k, v in checkpoints.items()}, data=ds.spec, max_samples=max_samples,
+    options = dict(checkpoints=checkpoint_names(checkpoints), data=ds.spec, max_samples=max_samples,
                    n_iter=n_iter, perplexity=perplexity, tsne_runs=tsne_runs, device=device, n_boot=n_boot)
     summary = {"scores": table.to_dict("records"), "grouping": grouping.to_dict("records")}
     files.append(write_json(out / "tsne.json", metadata("tsne", options, seed, summary=summary,
