@@ -59,6 +59,17 @@ def _or_auto(minimum: int, number: type = int) -> Callable[[str], Union[int, flo
     return parse
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers erf, rf and layers (erf_lab.jobs does the work)."""
 
@@ -338,6 +349,9 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
     p.add_argument("--only", metavar="LIST", help="comma-separated subset of: theory,accuracy,erf,tsne,offsets")
     p.add_argument("--epochs", type=int, help="override the mode's training epochs")
     p.add_argument("--seeds", metavar="LIST", help="override the mode's training seeds, e.g. 0,1,2")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="train N models at once on the CPU, each with CPUs/N threads (default 1; on small "
+                        "networks N = CPUs is fastest)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(mode="quick")
 
@@ -348,7 +362,7 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
         only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
         run = run_figures(args.out, mode=args.mode, data=args.data, models_dir=args.models, device=args.device,
                           only=only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds,
-                          retrain=args.retrain)
+                          retrain=args.retrain, jobs=args.jobs)
         for r in run["results"]:
             if not r.effects:
                 for claim in r.claims:

@@ -145,7 +145,7 @@ def _user_checkpoint(models_dir: Path, arch: str, op: str, seed: int, tsne: bool
 
 def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Optional[PathLike] = None,
                    device: str = "cpu", progress: bool = True, tsne: bool = False,
-                   notes: Optional[List[str]] = None) -> Dict[str, List[Path]]:
+                   notes: Optional[List[str]] = None, jobs: int = 1) -> Dict[str, List[Path]]:
     """Checkpoints of every variant, ``{op: [path per seed]}``: shipped, trained, cached or the user's.
 
     Args:
@@ -161,6 +161,8 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
         progress: training progress bars and epoch lines.
         tsne: the t-SNE network's variants (``config.tsne_*``) instead of the study net's.
         notes: collects report lines (shipped seeds left out because a variant lacks them).
+        jobs: train that many models at once in worker processes (CPU only; each gets
+            ``cpus // jobs`` torch threads).
 
     Raises:
         ErfLabError: no checkpoint found in ``models_dir``; shipped models missing; training failures.
@@ -182,7 +184,8 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
         return out
     if config.source == "shipped":
         return _shipped(arch, ops, seeds, notes)
-    return _trained(config, Path(out_dir) / "models", arch, arch_kwargs, epochs, ops, seeds, tsne, device, progress)
+    return _trained(config, Path(out_dir) / "models", arch, arch_kwargs, epochs, ops, seeds, tsne, device, progress,
+                    jobs)
 
 
 def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int], notes: Optional[List[str]] = None) -> Dict[str, List[Path]]:
@@ -206,13 +209,12 @@ def _shipped(arch: str, ops: Sequence[str], seeds: Sequence[int], notes: Optiona
 
 
 def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping[str, Any], epochs: int,
-             ops: Sequence[str], seeds: Sequence[int], tsne: bool, device: str, progress: bool) -> Dict[str, List[Path]]:
-    from erf_lab.study_models import op_kwargs, op_train_kwargs
-    from erf_lab.train import companion_paths, train
+             ops: Sequence[str], seeds: Sequence[int], tsne: bool, device: str, progress: bool,
+             jobs: int = 1) -> Dict[str, List[Path]]:
+    from erf_lab.train import companion_paths
 
-    out: Dict[str, List[Path]] = {}
+    todo: List[Tuple[str, int, Path, bool]] = []
     for op in ops:
-        kwargs = {**op_kwargs(arch, op), **dict(arch_kwargs)}  # the shipped recipes' per-op arguments
         for seed in seeds:
             ckpt = cache / (f"{arch}-{op}-s{seed}.pt" if tsne else f"{op}-seed{seed}.pt")
             stamp = ckpt.with_suffix(".figures.json")
@@ -221,25 +223,79 @@ def _trained(config: FiguresConfig, cache: Path, arch: str, arch_kwargs: Mapping
             if ckpt.is_file() and done == {"key": key, "complete": True}:
                 if progress:
                     print(f"  {arch} {op} seed {seed}: cached {ckpt}", flush=True)
-                out.setdefault(op, []).append(ckpt)
                 continue
             resume = done == {"key": key, "complete": False} and companion_paths(ckpt)["last"].is_file()
-            if not resume:
-                for p in companion_paths(ckpt).values():
-                    if p.exists():
-                        p.unlink()
-            write_json(stamp, {"key": key, "complete": False})
+            todo.append((op, seed, ckpt, resume))
+    args = [(config, arch, dict(arch_kwargs), epochs, op, seed, ckpt, resume, tsne, device) for op, seed, ckpt, resume in todo]
+    if jobs <= 1 or len(args) <= 1 or not str(device).startswith("cpu"):
+        for a in args:
+            _train_one(*a, progress=progress)
+    else:
+        _train_parallel(args, jobs, progress)
+    return {op: [cache / (f"{arch}-{op}-s{s}.pt" if tsne else f"{op}-seed{s}.pt") for s in seeds] for op in ops}
+
+
+def _train_one(config: FiguresConfig, arch: str, arch_kwargs: Dict[str, Any], epochs: int, op: str, seed: int,
+               ckpt: Path, resume: bool, tsne: bool, device: str, progress: bool = True,
+               threads: Optional[int] = None) -> float:
+    """Trains one variant into ``ckpt`` (stamped incomplete until it finishes); returns seconds."""
+    import time
+
+    import torch
+
+    from erf_lab.study_models import op_kwargs, op_train_kwargs
+    from erf_lab.train import companion_paths, train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    stamp = ckpt.with_suffix(".figures.json")
+    key = config.training_key(op, seed, tsne)
+    if not resume:
+        for p in companion_paths(ckpt).values():
+            if p.exists():
+                p.unlink()
+    write_json(stamp, {"key": key, "complete": False})
+    if progress:
+        print(f"  {arch} {op} seed {seed}: training {epochs} epoch(s){' (resuming)' if resume else ''}", flush=True)
+    start = time.perf_counter()
+    train(arch, op, config.data, epochs, ckpt, seed=seed, device=device, resume=resume,
+          batch_size=config.batch_size, lr=config.lr, image_size=config.image_size,
+          arch_kwargs={**op_kwargs(arch, op), **arch_kwargs},  # the shipped recipes' per-op arguments
+          offset_lr_mult=op_train_kwargs(arch, op).get("offset_lr_mult", "auto"),
+          max_train_images=config.max_train_images, max_eval_images=config.max_eval_images,
+          progress=progress and threads is None)
+    write_json(stamp, {"key": key, "complete": True})
+    return time.perf_counter() - start
+
+
+def _train_parallel(args: List[Tuple[Any, ...]], jobs: int, progress: bool) -> None:
+    """Trains the variants in ``jobs`` worker processes of ``cpus // jobs`` torch threads each, the
+    slowest (MobileNetV2, DK) first; on small networks this beats one process with every thread."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cost = {"conv": 1, "dcn": 2, "condconv": 3, "dk_global": 3, "dk": 4, "dk_dcn": 5}
+    args = sorted(args, key=lambda a: -cost.get(a[4], 3))
+    if progress:
+        print(f"  training {len(args)} model(s) in {jobs} processes of {threads} thread(s)", flush=True)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is running
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_train_one, *a, progress=progress, threads=threads): a for a in args}
+        failed: List[str] = []
+        for fut in as_completed(futures):
+            a = futures[fut]
+            try:
+                seconds = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported together below, the others go on
+                failed.append(f"{a[1]} {a[4]} seed {a[5]}: {type(exc).__name__}: {exc}")
+                continue
             if progress:
-                print(f"  {arch} {op} seed {seed}: training {epochs} epoch(s){' (resuming)' if resume else ''}",
-                      flush=True)
-            train(arch, op, config.data, epochs, ckpt, seed=seed, device=device, resume=resume,
-                  batch_size=config.batch_size, lr=config.lr, image_size=config.image_size,
-                  arch_kwargs=kwargs, offset_lr_mult=op_train_kwargs(arch, op).get("offset_lr_mult", "auto"),
-                  max_train_images=config.max_train_images, max_eval_images=config.max_eval_images,
-                  progress=progress)
-            write_json(stamp, {"key": key, "complete": True})
-            out.setdefault(op, []).append(ckpt)
-    return out
+                print(f"  {a[1]} {a[4]} seed {a[5]}: trained in {seconds / 60:.1f} min", flush=True)
+    if failed:
+        raise ErfLabError("training failed: " + "; ".join(failed))
 
 
 def _read_json(path: Path) -> Any:

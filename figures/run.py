@@ -63,7 +63,8 @@ def _device(device: Optional[str]) -> str:
 
 def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = None, models_dir: Optional[PathLike] = None,
                 device: Optional[str] = None, only: Optional[Sequence[str]] = None, progress: bool = True,
-                command: Optional[str] = None, retrain: bool = False, **overrides: Any) -> Dict[str, Any]:
+                command: Optional[str] = None, retrain: bool = False, jobs: int = 1,
+                **overrides: Any) -> Dict[str, Any]:
     """Loads (or trains) the study models and writes every figure, ``RESULTS.md`` and ``index.html`` to ``out``.
 
     Args:
@@ -74,6 +75,7 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         models_dir: use the checkpoints in this folder (``ARCH-OP-sS.pt``, or ``OP.pt`` /
             ``OP-seedS.pt`` for the study net) instead of the shipped ones.
         retrain: train every model anew with the shipped models' recipes (``source="train"``).
+        jobs: models trained at once, in worker processes of ``cpus // jobs`` threads (CPU only).
         device: ``cpu``, ``cuda[:i]`` or None/``auto``.
         only: a subset of :data:`FIGURES`.
         progress: stage lines and progress bars.
@@ -105,11 +107,12 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         where = {"shipped": "shipped", "train": "trained"}[cfg.source] if models_dir is None else f"from {models_dir}"
         with stages(f"models ({where}): {len(cfg.ops)} variants x {len(cfg.seeds)} seed(s) of {cfg.arch}, "
                     f"{len(cfg.tsne_ops)} x {len(cfg.tsne_seeds)} of {cfg.tsne_arch} on {cfg.data}"):
-            ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress, notes=model_notes)
+            ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress, notes=model_notes,
+                                   jobs=jobs)
             if "tsne" in wanted:
                 try:
                     tsne_ckpts = prepare_models(cfg, root, models_dir=models_dir, device=dev, progress=progress,
-                                                tsne=True, notes=model_notes)
+                                                tsne=True, notes=model_notes, jobs=jobs)
                 except ErfLabError:
                     if models_dir is None:
                         raise

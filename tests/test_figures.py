@@ -135,6 +135,30 @@ def test_cached_models_are_not_retrained(tiny, monkeypatch, tmp_path):
     assert len(calls) == 1 and calls[0][0][:4] == (other.arch, "conv", other.data, 2)
 
 
+def test_parallel_training_matches_sequential(tmp_path):
+    """``jobs=2`` trains in two worker processes of ``cpus // 2`` threads; the checkpoints are
+    those of a sequential run with that many threads (a reduction's thread count changes the
+    last bits, which training amplifies, so the same count is what makes them equal)."""
+    import os
+
+    cfg = fconfig.config_for("quick", **dict(TINY, ops=("conv", "dk")))
+    got = fconfig.prepare_models(cfg, tmp_path / "parallel", progress=False, jobs=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        ref = fconfig.prepare_models(cfg, tmp_path / "sequential", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert set(got) == set(ref) == {"conv", "dk"}
+    for op in ref:
+        mine = torch.load(got[op][0], weights_only=True)["state_dict"]
+        theirs = torch.load(ref[op][0], weights_only=True)["state_dict"]
+        assert mine.keys() == theirs.keys()
+        for k in theirs:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=0, msg=f"{op} {k}")
+        assert json.loads(got[op][0].with_suffix(".figures.json").read_text())["complete"] is True
+
+
 def test_user_models_dir(tiny, tmp_path):
     with pytest.raises(ErfLabError, match="no checkpoint"):
         fconfig.prepare_models(tiny["cfg"], tmp_path / "out", models_dir=tmp_path)
