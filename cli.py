@@ -159,12 +159,13 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     def cmd_rf(args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from erf_lab.jobs import input_size_for, model_for, output_folder, parse_size, rf_table, write_csv
+        from erf_lab.io import write_csv
+        from erf_lab.jobs import input_size_for, model_for, output_folder, parse_size, rf_table
 
         with output_folder(args.out):
             lm = model_for(args.model, args.arch, args.trust_checkpoint)
             df = rf_table(lm.model, input_size_for(lm, parse_size(args.image_size)))
-            path = write_csv(df, f"{args.out}/rf.csv")
+            path = write_csv(f"{args.out}/rf.csv", df, float_format=None)
         with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
             print(df.drop(columns=["notes"]).to_string(index=False))
         print(f"wrote {path}")
@@ -437,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from erf_lab._io import discard_created, reset_written
+    from erf_lab.io import discard_created, reset_written
 
     reset_written()
     try:
@@ -452,7 +453,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """The subcommand, with every user error as one line and exit 2 (``--debug``: the traceback)."""
-    from erf_lab._io import written_files
+    from erf_lab.io import written_files
     from erf_lab.errors import ErfLabError
 
     try:

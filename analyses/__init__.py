@@ -28,8 +28,8 @@ _EXPORTS = {
     "trustworthiness": "scores",
     "within_class_bins": "scores",
     "SCORE_COLUMNS": "scores",
-    "TSNEResult": "tsne",
-    "ModelEmbedding": "tsne",
+    "TSNEResult": "results",
+    "ModelEmbedding": "results",
     "run_tsne": "tsne",
     "rebuild_report": "tsne",
 }

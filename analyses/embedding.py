@@ -114,7 +114,7 @@ def _run(x: np.ndarray, backend: str, perplexity: float, n_iter: int, seed: int,
             import openTSNE
         except ImportError:
             raise ErfLabError("t-SNE backend 'opentsne' needs openTSNE: pip install 'erf-lab[tsne]' (or openTSNE)") from None
-        from erf_lab._progress import progress as progress_bar
+        from erf_lab.progress import progress as progress_bar
 
         bar = progress_bar(total=n_iter, desc="t-SNE (openTSNE)", unit="iter", enabled=progress, leave=False)
         every = 50
@@ -140,7 +140,7 @@ def _run(x: np.ndarray, backend: str, perplexity: float, n_iter: int, seed: int,
         gradient = "bh"
         import sklearn
         from sklearn.manifold import TSNE
-        from erf_lab._progress import progress as progress_bar
+        from erf_lab.progress import progress as progress_bar
 
         with progress_bar(total=1, desc="t-SNE (scikit-learn)", unit="run", enabled=progress, leave=False) as bar:
             y = TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca", learning_rate="auto",
@@ -171,7 +171,7 @@ def embed(
         backend: ``"auto"`` (openTSNE when installed), ``"sklearn"`` or ``"opentsne"``.
         seed: seeds PCA and t-SNE.
         n_jobs: threads (default: the CPUs this process may use).
-        progress: a bar on a terminal, else one line when done (see :mod:`erf_lab._progress`).
+        progress: a bar on a terminal, else one line when done (see :mod:`erf_lab.progress`).
 
     Returns:
         ``(coords, info)``: ``coords`` (numpy.ndarray[float64, N, 2]) and ``info`` (what ran,

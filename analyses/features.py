@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from erf_lab._hooks import get_layer, run_to_layer, select_output
-from erf_lab._progress import loader_bar
+from erf_lab.layers import get_layer, run_to_layer, select_output
+from erf_lab.progress import loader_bar
 from erf_lab.errors import ErfLabError
 from erf_lab.layers import LayerGrid, check_input_size, default_layer, output_module, spatial_grid, static_batch, to_nchw
 
-from ._io import PathLike, atomic_write, dumps, versions, write_text
+from erf_lab.io import PathLike, atomic_write, dumps, versions, write_text
 
 __all__ = [
     "Features",
@@ -419,7 +419,7 @@ def extract_features(
         "sampling": "stratified by class x size bin" if max_samples is not None and max_samples < n_total else "all",
         "seed": seed,
         "model": model_meta,
-        "versions": versions(),
+        "versions": versions("scikit-learn", "openTSNE"),
     }
     return Features(
         features=features,

@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .tsne import ModelEmbedding, TSNEResult
+    from .results import ModelEmbedding, TSNEResult
 
 __all__ = ["plot_embedding", "figure_png", "render_html", "COLORINGS", "size_bin_names"]
 
@@ -179,7 +179,7 @@ def render_html(result: "TSNEResult", pngs: Dict[str, bytes], title: str = "erf-
         pngs: PNG bytes per model name (:func:`figure_png` of :func:`plot_embedding`).
         title: page title.
     """
-    from ._io import dumps
+    from erf_lab.io import dumps
 
     meta = result.meta
     opts = meta.get("options", {})

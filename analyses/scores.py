@@ -350,7 +350,7 @@ def score_table(
 def _score_table(features, embedding, labels, size_bins, sizes, model, n_size_bins, seed, silhouette_max, trust_max,
                  progress):
     import pandas as pd
-    from erf_lab._progress import progress as progress_bar
+    from erf_lab.progress import progress as progress_bar
 
     features = np.asarray(features)
     n = len(features)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def plain_forward_backward(model, x, layer, unit):
-    from erf_lab._hooks import get_layer, run_to_layer
+    from erf_lab.layers import get_layer, run_to_layer
 
     x = x.detach().clone().requires_grad_(True)
     y = run_to_layer(model, x, get_layer(model, layer))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dk_ops import models  # noqa: E402
-from erf_lab.train import train, write_json  # noqa: E402
+from erf_lab.io import write_json  # noqa: E402
+from erf_lab.train import train  # noqa: E402
 
 
 def speed_index(rounds: int = 5, steps: int = 10, batch: int = 64) -> float:
@@ -107,8 +108,8 @@ def main() -> int:
                "train_kwargs": args.train_kwargs}
         results.append(row)
         print(json.dumps(row), flush=True)
-        write_json({"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()},
-                   out / "bench_train.json")
+        write_json(out / "bench_train.json",
+                   {"results": results, "torch": torch.__version__, "cpu_count": os.cpu_count()})
     lines = ["| model | op | speed index (ms/img) | ms / train image | epochs | test acc | "
              "smallest / largest size bin | train time (s) | budget (s) | met |",
              "|---|---|---|---|---|---|---|---|---|---|"]

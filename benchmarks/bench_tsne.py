@@ -43,7 +43,7 @@ def run(backend: str, x, labels, bins, sizes, edges, jobs, n_iter, out_dir: Path
 
     from analyses.embedding import embed
     from analyses.scores import score_table
-    from analyses.tsne import ModelEmbedding, TSNEResult
+    from analyses.results import ModelEmbedding, TSNEResult
 
     c0, t0 = time.process_time(), time.perf_counter()
     coords, info = embed(x, perplexity=30, n_iter=n_iter, backend=backend, seed=0, n_jobs=jobs, progress=False)

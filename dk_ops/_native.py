@@ -35,6 +35,8 @@ from typing import List, Optional
 
 import torch
 
+from ._utils import conv_out_size, memory_format_of
+
 __all__ = ["load", "is_loaded", "has_cuda", "status", "cached_build_exists"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -205,15 +207,6 @@ def status() -> dict:
 _SIZE_NAMES = ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "groups")
 
 
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    """The memory format the kernels give an output of argument ``t`` (impl.h's ``format_of``):
-    channels-last when ``t`` is channels-last and not also contiguous, as conv2d does."""
-    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _register() -> None:
@@ -223,15 +216,15 @@ def _register() -> None:
     def _fake_forward(input, weight, kernel_offset, offset, mask, bias, kh, kw, sh, sw, ph, pw, dh, dw, groups):
         torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "dk_ops: input and weight must be 4-D")
         n, _, h, w = input.shape
-        ho = _out_size(h, kh, sh, ph, dh)
-        wo = _out_size(w, kw, sw, pw, dw)
-        return input.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_format_of(input))
+        ho = conv_out_size(h, kh, sh, ph, dh)
+        wo = conv_out_size(w, kw, sw, pw, dw)
+        return input.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=memory_format_of(input))
 
     @torch.library.register_fake("dk_ops::_deform_kernel_conv2d_backward")
     def _fake_backward(grad, input, weight, kernel_offset, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, groups,
                        output_mask):
         def like(t, want):
-            return t.new_empty(t.shape).contiguous(memory_format=_format_of(t)) if (want and t is not None) \
+            return t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t)) if (want and t is not None) \
                 else input.new_empty((0,))
 
         return (

@@ -1,5 +1,7 @@
 """Small argument helpers shared by the operators and modules."""
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
 
 IntPair = Union[int, Sequence[int]]
 
@@ -22,3 +24,11 @@ def pair(value: IntPair, name: str) -> Tuple[int, int]:
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     """Output length of a convolution along one axis (``torch.nn.functional.conv2d`` rule)."""
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def memory_format_of(t: Optional[torch.Tensor]) -> torch.memory_format:
+    """The memory format the kernels give an output of argument ``t`` (impl.h's ``format_of``):
+    channels-last when ``t`` is channels-last and not also contiguous, as conv2d does."""
+    cl = t is not None and t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format

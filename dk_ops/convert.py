@@ -1,6 +1,6 @@
 """Swap ``nn.Conv2d`` layers of an existing model for deformable variants, keeping its function."""
 import copy
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ._utils import IntPair, pair
 from .models._layers import OPS, make_conv
-from .modules import CondConv2d, DeformConv2d, _ConvLike, _DeformKernelBase
+from .modules import CondConv2d, DeformConv2d, _ConvLike, DeformKernelBase
 from .reference import sample_kernel
 
 __all__ = ["convert_model", "scope_from_kernel"]
@@ -132,7 +132,7 @@ def _convert_conv(conv: nn.Conv2d, op: str, scope_size: Optional[IntPair], **op_
         scope_size=scope_size,
         **op_kwargs,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    if isinstance(new, _DeformKernelBase):
+    if isinstance(new, DeformKernelBase):
         new.weight.copy_(scope_from_kernel(conv.weight, new.scope_size))
         check = sample_kernel(new.weight.double(), None, new.kernel_size)[0, ..., 0]
         err = (check.reshape(conv.weight.shape) - conv.weight.double()).abs().max().item()

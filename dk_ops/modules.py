@@ -21,6 +21,7 @@ from ._utils import IntPair, pair
 from .functional import deform_kernel_conv2d
 
 __all__ = [
+    "DeformKernelBase",
     "GlobalDeformKernel2d",
     "DeformKernel2d",
     "DeformKernelConv2d",
@@ -97,7 +98,7 @@ class _ConvLike(nn.Module):
         return s
 
 
-class _DeformKernelBase(_ConvLike):
+class DeformKernelBase(_ConvLike):
     """A scope weight resampled by kernel offsets; subclasses define the offset generator."""
 
     def __init__(
@@ -175,7 +176,7 @@ class _DeformKernelBase(_ConvLike):
         return s
 
 
-class GlobalDeformKernel2d(_DeformKernelBase):
+class GlobalDeformKernel2d(DeformKernelBase):
     """Deformable kernel with one set of kernel offsets per sample (DK global).
 
     Offsets: global average pool -> Linear -> ``2 * kernel_offset_groups * k_h * k_w``.
@@ -193,7 +194,7 @@ class GlobalDeformKernel2d(_DeformKernelBase):
         return (y, {"kernel_offset": dk}) if return_offsets else y
 
 
-class DeformKernel2d(_DeformKernelBase):
+class DeformKernel2d(DeformKernelBase):
     """Deformable kernel with kernel offsets per output position (DK local, the paper's default).
 
     Offsets: a conv with the layer's own kernel size, stride, padding and dilation.
@@ -209,7 +210,7 @@ class DeformKernel2d(_DeformKernelBase):
         return (y, {"kernel_offset": dk}) if return_offsets else y
 
 
-class DeformKernelConv2d(_DeformKernelBase):
+class DeformKernelConv2d(DeformKernelBase):
     """Deformable kernel and deformable convolution together (DK+DCN).
 
     Kernel offsets and image offsets are each learnt by their own zero-initialised

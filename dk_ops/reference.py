@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["deform_kernel_conv2d_reference", "bilinear_corners", "sample_kernel"]
+from ._utils import conv_out_size
+
+__all__ = ["deform_kernel_conv2d_reference", "bilinear_corners", "sample_kernel", "tap_grid"]
 
 
 def bilinear_corners(py: Tensor, px: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
@@ -43,7 +45,7 @@ def bilinear_corners(py: Tensor, px: Tensor, height: int, width: int) -> Tuple[T
     return index, weight
 
 
-def _tap_grid(kh: int, kw: int, dtype, device) -> Tuple[Tensor, Tensor]:
+def tap_grid(kh: int, kw: int, dtype, device) -> Tuple[Tensor, Tensor]:
     """Row and column index (i, j) of each tap t = i*kw + j, shape (K,)."""
     i = torch.arange(kh, dtype=dtype, device=device).repeat_interleave(kw)
     j = torch.arange(kw, dtype=dtype, device=device).repeat(kh)
@@ -65,7 +67,7 @@ def sample_kernel(weight: Tensor, kernel_offset: Optional[Tensor], kernel_size: 
     c_out, cg, sh, sw = weight.shape
     kh, kw = kernel_size
     K = kh * kw
-    i, j = _tap_grid(kh, kw, weight.dtype, weight.device)
+    i, j = tap_grid(kh, kw, weight.dtype, weight.device)
     u0 = (sh - kh) / 2 + i  # (K,)
     v0 = (sw - kw) / 2 + j
     if kernel_offset is None:
@@ -106,7 +108,7 @@ def _sample_input(
         cols = cols.reshape(n, c, K, L)
     else:
         gi = offset.shape[1] // (2 * K)
-        i, j = _tap_grid(kh, kw, x.dtype, x.device)
+        i, j = tap_grid(kh, kw, x.dtype, x.device)
         hs = torch.arange(ho, dtype=x.dtype, device=x.device) * stride[0] - padding[0]
         ws = torch.arange(wo, dtype=x.dtype, device=x.device) * stride[1] - padding[1]
         py0 = (i * dilation[0]).view(K, 1, 1) + hs.view(1, ho, 1)  # (K, Ho, 1)
@@ -151,8 +153,8 @@ def deform_kernel_conv2d_reference(
     n, c_in, h, w = input.shape
     c_out, cg = weight.shape[0], weight.shape[1]
     kh, kw = kernel_size
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     K, L = kh * kw, ho * wo
 
     cols = _sample_input(input, offset, mask, kernel_size, stride, padding, dilation, (ho, wo))

@@ -18,7 +18,6 @@ them); otherwise the cone, then the crop, is dropped. The check costs one batch-
 import contextlib
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as _dist
-from ._hooks import get_layer, hook_all, run_to_layer, select_output, unit_activation
+from .layers import get_layer, hook_all, run_to_layer, select_output, unit_activation
 from ._layout import resolve_channels_last, to_channels_last
-from ._progress import progress as progress_bar
+from .progress import progress as progress_bar
 from .errors import ErfLabError
 from .layers import LayerGrid, check_input_size, default_layer, output_grid, probe_size, spatial_grid, static_batch
 from .metrics import erf_metrics, replknet_transform
-from ._io import atomic_write
+from .io import atomic_write, dumps, versions
 
 __all__ = ["compute_erf", "auto_batch_size", "check_memory", "ERFResult", "PRESETS", "ERFOptions"]
 
@@ -87,28 +86,6 @@ PRESETS: Dict[str, ERFOptions] = {
     # OpenERF: mean over channels of the raw activation; mean over colour, clamp at 0; sum to 1.
     "openerf": ERFOptions(None, "mean", None, "mean", "clamp", "sum"),
 }
-
-
-def _versions() -> Dict[str, str]:
-    import erf_lab
-
-    return {"erf_lab": getattr(erf_lab, "__version__", "?"), "torch": torch.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    return v
 
 
 @dataclass
@@ -175,7 +152,7 @@ class ERFResult:
         if self.image is not None:
             arrays["image"] = self.image
         payload = {"metrics": self.metrics(), "meta": dict(self.meta, n_images=self.n_images, n_skipped=self.n_skipped)}
-        text = json.dumps(_jsonable(payload), indent=2, allow_nan=False)
+        text = dumps(payload)
         if plot:
             from .heatmap import save_erf_figure
 
@@ -291,7 +268,7 @@ class _Geometry:
     local: bool
     rf_note: str
     jump: Tuple[float, float]
-    graph: Any = None  # the traced _RFGraph (None when the model could not be traced)
+    graph: Any = None  # the traced RFGraph (None when the model could not be traced)
     rf: Any = None  # the target's LayerRF
 
 
@@ -756,7 +733,7 @@ def compute_erf(
             model is restored afterwards; the map differs only by float rounding; see
             :mod:`erf_lab._fold` for the pairs left alone).
         backend: ``"engine"`` or ``"captum"`` (``captum.attr.NeuronGradient``, for cross-checking).
-        progress: a progress bar on a terminal, one line when done otherwise (on rank 0; :mod:`erf_lab._progress`).
+        progress: a progress bar on a terminal, one line when done otherwise (on rank 0; :mod:`erf_lab.progress`).
         distributed: shard images over a torch.distributed group and all-reduce (default: when
             a group is initialised, e.g. under torchrun).
 
@@ -995,7 +972,7 @@ def compute_erf(
             "bn_folded": n_folded,
             "dtype": str(dtype).replace("torch.", ""),
             "world_size": _dist.rank_world()[1] if use_dist else 1,
-            "versions": _versions(),
+            "versions": versions(),
             # preparation (default layer, geometry, BN folding) and the batched passes (incl. the check)
             "seconds": {"prepare": t_pass - t_start, "passes": t_done - t_pass},
         }

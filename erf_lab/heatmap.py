@@ -79,7 +79,7 @@ def save_erf_figure(result: Any, path: Union[str, Path], **kwargs) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._io import atomic_write
+    from .io import atomic_write
 
     # A standalone Agg figure: no pyplot state, the user's backend is left alone.
     fig = Figure(figsize=(5, 4.5))

@@ -147,9 +147,9 @@ def run_erf(
 
 @contextlib.contextmanager
 def output_folder(out: Union[str, Path], check: bool = True):
-    """Checks that ``out`` can be written (:func:`erf_lab._io.check_output_dir`) before the work in the
+    """Checks that ``out`` can be written (:func:`erf_lab.io.check_output_dir`) before the work in the
     block; when the block fails, a folder this call created is removed again if it is still empty."""
-    from ._io import check_output_dir
+    from .io import check_output_dir
 
     created = check and not Path(out).exists()
     if check:
@@ -223,7 +223,7 @@ def layers_table(model: nn.Module, input_size: Sequence[int]):
     """
     import pandas as pd
 
-    from ._hooks import hook_all
+    from .layers import hook_all
     from .layers import default_layer, spatial_grid
 
     shapes: Dict[str, Any] = {}
@@ -273,11 +273,3 @@ def _type_name(m: nn.Module) -> str:
     return str(name).rsplit(".", 1)[-1] if name else type(m).__name__
 
 
-def write_csv(df, path: Union[str, Path]) -> Path:
-    """Writes a DataFrame as CSV atomically."""
-    from .erf import atomic_write
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, lambda tmp: df.to_csv(tmp, index=False))
-    return p

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .errors import ErfLabError
 
-__all__ = ["AxisRF", "LayerRF", "theoretical_rf", "trace_rf"]
+__all__ = ["AxisRF", "LayerRF", "RFGraph", "theoretical_rf", "trace_rf"]
 
 INF = float("inf")
 
@@ -451,7 +451,7 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-class _RFGraph:
+class RFGraph:
     """A traced model with the receptive field of every tensor node."""
 
     def __init__(self, model: nn.Module, input_size: Tuple[int, int, int]) -> None:
@@ -602,12 +602,12 @@ class _RFGraph:
         return rf
 
 
-def trace_rf(model: nn.Module, input_size: Sequence[int]) -> _RFGraph:
+def trace_rf(model: nn.Module, input_size: Sequence[int]) -> RFGraph:
     """Traces ``model`` and returns the per-node receptive fields (``.of(layer)`` gives one layer's)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ErfLabError("a TorchScript model has no theoretical RF here (torch.fx cannot trace TorchScript): "
                           "use the eager checkpoint or a torch.export program (.pt2)")
-    return _RFGraph(model, tuple(input_size))
+    return RFGraph(model, tuple(input_size))
 
 
 def _fmt(v: float) -> float:

@@ -41,7 +41,6 @@ Checkpoint dict (plain types and tensors only; ``torch.load(..., weights_only=Tr
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -53,9 +52,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import ErfLabError
-from ._io import atomic_write, check_output_file
+from .io import atomic_write, check_output_file, dumps, versions, write_json
 from ._layout import resolve_channels_last, to_channels_last
-from ._progress import loader_bar, write_line
+from .progress import loader_bar, write_line
 
 CHECKPOINT_FORMAT = "erf-lab-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -80,30 +79,6 @@ def companion_paths(out_path: PathLike) -> Dict[str, Path]:
 def save_checkpoint(checkpoint: Dict[str, Any], path: PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), fsync=True)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (np.integer, np.floating)):
-        return _jsonable(value.item())
-    return value
-
-
-def write_json(obj: Dict[str, Any], path: PathLike) -> None:
-    """Strict JSON (infinities as ``"inf"``), written atomically."""
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode()), fsync=True)
-
-
-def versions() -> Dict[str, str]:
-    from . import __version__
-
-    return {"erf_lab": str(__version__), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -160,7 +135,7 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, device: 
     """Loss, accuracy and accuracy per size bin of ``model`` on ``data`` (items as ``open_data``'s).
 
     ``progress``: a bar on a terminal, else one line when done (none with ``summary=False``;
-    see :func:`erf_lab._progress.progress`)."""
+    see :func:`erf_lab.progress.progress`)."""
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total, correct, loss_sum = 0, 0, 0.0
@@ -366,7 +341,7 @@ def train(
         max_train_images, max_eval_images: seeded subsets, for quick runs.
         skip_bad: skip undecodable images.
         progress: one line per epoch (stdout); tqdm bars on a terminal, and when stderr is
-            not one, a line for the final test instead (:func:`erf_lab._progress.progress`).
+            not one, a line for the final test instead (:func:`erf_lab.progress.progress`).
 
     Returns:
         the metrics dict (also in the checkpoint and ``OUT.metrics.json``): per-epoch
@@ -484,7 +459,7 @@ def train(
             "data_spec": data_spec, "class_names": list(base.class_names),
             "size_bin_edges": None if base.size_bin_edges is None else list(base.size_bin_edges),
             "normalization": {"mean": list(base.mean), "std": list(base.std)},
-            "input_size": [channels, h, w], "metrics": json.loads(json.dumps(_jsonable(metrics))), "epoch": epoch,
+            "input_size": [channels, h, w], "metrics": json.loads(dumps(metrics)), "epoch": epoch,
             "versions": versions(), "train_args": dict(train_args),
         }
         if with_state:
@@ -561,7 +536,7 @@ def train(
             metrics["best_epoch"], metrics["best_val_acc"] = epoch + 1, val["acc"]
             save_checkpoint(checkpoint(epoch + 1, with_state=False), paths["best"])
         save_checkpoint(checkpoint(epoch + 1, with_state=True), paths["last"])
-        write_json(metrics, paths["metrics"])
+        write_json(paths["metrics"], metrics, fsync=True)
         reserve = time.perf_counter() - t_val
         metrics["train_seconds"] = spent()
         if progress:
@@ -576,7 +551,7 @@ def train(
     model.load_state_dict(best["state_dict"])
     test = evaluate(model, sets["test"], device=dev, desc="test", progress=progress)
     metrics.update(test_acc=test["acc"], test_loss=test["loss"], test_acc_per_size_bin=test["acc_per_size_bin"])
-    best["metrics"] = json.loads(json.dumps(_jsonable(metrics)))
+    best["metrics"] = json.loads(dumps(metrics))
     save_checkpoint(best, paths["best"])
-    write_json(metrics, paths["metrics"])
+    write_json(paths["metrics"], metrics, fsync=True)
     return metrics

@@ -1,18 +1,13 @@
-"""Shared plumbing of the figure recipes: atomic writes, PNG+PDF figures, metadata, stage lines."""
-import json
-import os
-import platform
+"""Shared plumbing of the figure recipes: results, PNG+PDF figures, metadata, stage lines
+(files are written through :mod:`erf_lab.io`)."""
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
+from erf_lab.io import PathLike, atomic_write, versions
 
-from erf_lab._io import atomic_write, jsonable  # noqa: F401  (re-exported for the figures)
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclass
@@ -43,27 +38,6 @@ class FigureResult:
         return [f for f in self.files if f.suffix == ".png"]
 
 
-def write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def write_csv(path: PathLike, df: Any) -> Path:
-    """A pandas DataFrame as CSV (no index)."""
-    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
-
-
-def write_npz(path: PathLike, **arrays: np.ndarray) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    return atomic_write(path, write)
-
-
 def save_figure(fig: Any, directory: PathLike, stem: str, dpi: int = 130) -> List[Path]:
     """Saves a matplotlib figure as ``stem.png`` and ``stem.pdf`` (atomically) and closes it."""
     import matplotlib.pyplot as plt
@@ -89,21 +63,9 @@ def pyplot():
     return plt
 
 
-def versions() -> Dict[str, str]:
-    import torch
-
-    out = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}
-    for mod in ("erf_lab", "dk_ops", "matplotlib", "sklearn", "pandas"):
-        try:
-            out[mod] = str(getattr(__import__(mod), "__version__", "?"))
-        except ImportError:
-            pass
-    return out
-
-
 def metadata(figure: str, options: Dict[str, Any], seed: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
     """The metadata JSON written next to every result: options, seed, versions, time."""
-    return {"figure": figure, "options": options, "seed": seed, "versions": versions(),
+    return {"figure": figure, "options": options, "seed": seed, "versions": versions("matplotlib", "scikit-learn", "pandas"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from erf_lab.errors import ErfLabError
 
-from ._io import PathLike
+from erf_lab.io import PathLike
 
 
 def load_models(checkpoints: Mapping[str, PathLike], device: str = "cpu") -> Dict[str, Any]:
@@ -155,7 +155,7 @@ def instance_erf_maps(model: nn.Module, images: torch.Tensor, layer: str, units:
     The model is in eval mode, so the images of a batch do not interact and one backward pass
     gives every image's map. Returns (N, H, W) float64.
     """
-    from erf_lab._hooks import get_layer, run_to_layer
+    from erf_lab.layers import get_layer, run_to_layer
 
     mod = get_layer(model, layer)
     maps = []

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json
+from ._io import FigureResult, metadata, pyplot, save_figure
+from erf_lab.io import PathLike, write_csv, write_json
 from .stats import Effect
 
 __all__ = ["accuracy_table", "accuracy_effects"]

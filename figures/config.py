@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from erf_lab.errors import ErfLabError
 
-from ._io import PathLike, jsonable, write_json
+from erf_lab.io import PathLike, jsonable, write_json
 
 __all__ = ["FiguresConfig", "config_for", "prepare_models", "OPS"]
 

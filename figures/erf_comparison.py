@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json, write_npz
+from erf_lab.io import PathLike, write_csv, write_json, write_npz
+
+from ._io import FigureResult, metadata, pyplot, save_figure
 from ._models import (box_mask, checkpoint_names, display_image, grid_geometry, instance_erf_maps, last_spatial_layer, load_seeds,
                       mass_in_box, open_test_data, sample_per_bin, spread, stack_items, unit_for_point)
 from .stats import Effect
@@ -58,7 +59,7 @@ def erf_effects(mass: Mapping[str, np.ndarray], rel_spread: Mapping[str, np.ndar
 def _instance_rows(loaded: Mapping[str, List[Any]], items: Dict[str, Any], input_size, layer: Optional[str],
                    keep: Sequence[int], device: str, progress: bool) -> Tuple[List[Dict[str, Any]], Dict[str, np.ndarray], Dict[str, str]]:
     """Per-image rows of every (op, seed), the maps of the ``keep`` positions (first seed) and the layers."""
-    from erf_lab._progress import progress as progress_bar
+    from erf_lab.progress import progress as progress_bar
 
     boxes = items["box"]
     side = np.sqrt(boxes[:, 2] * boxes[:, 3])
@@ -140,7 +141,7 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
     """
     import pandas as pd
     import erf_lab
-    from erf_lab._progress import progress as progress_bar
+    from erf_lab.progress import progress as progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

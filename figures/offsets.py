@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json
+from ._io import FigureResult, metadata, pyplot, save_figure
+from erf_lab.io import PathLike, write_csv, write_json
 from ._models import checkpoint_names, load_seeds, open_test_data, sample_per_bin, stack_items
 from .stats import Effect
 
@@ -43,9 +44,9 @@ LABELS = {"dcn": "DCN", "dk_global": "DK (global)", "dk": "DK", "dk_dcn": "DK+DC
 
 
 def _deformable_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    from dk_ops.modules import DeformConv2d, _DeformKernelBase
+    from dk_ops.modules import DeformConv2d, DeformKernelBase
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, (_DeformKernelBase, DeformConv2d))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (DeformKernelBase, DeformConv2d))}
 
 
 def _tap_directions(kh: int, kw: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def tap_rms(weight: torch.Tensor, kernel_offset: torch.Tensor, kernel_size: Tupl
     building the (N, C_out, C_in, K, P) kernel: a tap is ``b^T w`` for its interpolation row ``b``
     over the scope cells, so its mean square is ``b^T G b / M`` with ``G`` the cells' Gram matrix.
     """
-    from dk_ops.reference import _tap_grid, bilinear_corners
+    from dk_ops.reference import tap_grid, bilinear_corners
 
     c_out, cg, sh, sw = weight.shape
     kh, kw = kernel_size
@@ -108,7 +109,7 @@ def tap_rms(weight: torch.Tensor, kernel_offset: torch.Tensor, kernel_size: Tupl
     gk = kernel_offset.shape[1] // (2 * k)
     p = 1 if kernel_offset.dim() == 2 else kernel_offset.shape[2] * kernel_offset.shape[3]
     w = weight.double()
-    i, j = _tap_grid(kh, kw, w.dtype, w.device)
+    i, j = tap_grid(kh, kw, w.dtype, w.device)
     dk = kernel_offset.double().reshape(n, gk, k, 2, p)
     u = ((sh - kh) / 2 + i).view(1, 1, k, 1) + dk[:, :, :, 0]
     v = ((sw - kw) / 2 + j).view(1, 1, k, 1) + dk[:, :, :, 1]
@@ -231,10 +232,10 @@ def offsets_by_size(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: 
         a :class:`FigureResult` whose table holds the correlations, its effects claim 3's.
     """
     import pandas as pd
-    from erf_lab._progress import progress as progress_bar
+    from erf_lab.progress import progress as progress_bar
     from erf_lab.errors import ErfLabError
 
-    from .stats import bootstrap, spearman_effect
+    from .stats import spearman_effect
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ._io import FigureResult, PathLike, jsonable, rel, versions, write_text
+from ._io import FigureResult, rel
+from erf_lab.io import PathLike, jsonable, versions, write_text
 
 __all__ = ["write_report"]
 
@@ -78,7 +79,7 @@ def write_report(out_dir: PathLike, results: Sequence[FigureResult], *, command:
         md += _verdict_markdown(effects)
     md += [f"- {n}" for n in notes]
     md += ["", "## Options", ""] + [f"- `{k}`: `{jsonable(v)}`" for k, v in options.items()]
-    md += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), ""]
+    md += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions("matplotlib", "scikit-learn", "pandas").items()), ""]
     if stage_seconds:
         total = sum(stage_seconds.values())
         md += ["Wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in stage_seconds.items())

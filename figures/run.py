@@ -3,14 +3,13 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from erf_lab._io import check_output_dir
 from erf_lab.errors import ErfLabError
+from erf_lab.io import PathLike, check_output_dir, write_csv, write_json
 
-from ._io import FigureResult, PathLike, Stages, rel, write_csv, write_json
+from ._io import FigureResult, Stages, rel
 from .config import FiguresConfig, config_for, prepare_models
 
 __all__ = ["run_figures", "FIGURES"]

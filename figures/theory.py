@@ -16,13 +16,15 @@ Three checks on linear networks, where everything is exact:
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json, write_npz
+from erf_lab.io import PathLike, write_csv, write_json, write_npz
+
+from ._io import FigureResult, metadata, pyplot, save_figure
 
 __all__ = ["linear_erf_theory", "analytic_box_erf", "dk_blend_erfs"]
 

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._io import FigureResult, PathLike, metadata, pyplot, save_figure, write_csv, write_json, write_npz
+from ._io import FigureResult, metadata, pyplot, save_figure
+from erf_lab.io import PathLike, write_csv, write_json, write_npz
 from ._models import checkpoint_names, load_seeds
 from .stats import Effect
 
@@ -81,8 +82,8 @@ def tsne_figure(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: Opti
     from analyses.embedding import embed
     from analyses.features import extract_features
     from analyses.scores import score_table
-    from analyses.tsne import ModelEmbedding, TSNEResult
-    from erf_lab._progress import progress as progress_bar
+    from analyses.results import ModelEmbedding, TSNEResult
+    from erf_lab.progress import progress as progress_bar
     from erf_lab.data import open_data
 
     out = Path(out_dir)

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     import torch
 
     from erf_lab import study_models
+    from erf_lab.study_models import shipping
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(ROOT / "results" / "study_train"), help="training folder (resumable)")
@@ -64,8 +65,8 @@ def main(argv=None) -> int:
         try:
             t0 = time.perf_counter()
             print(f"[{k}/{len(recipes)}] {recipe.name}: {recipe.command()}", flush=True)
-            best = study_models.train_recipe(recipe, work, device=args.device)
-            info = study_models.ship(best, target, recipe)
+            best = shipping.train_recipe(recipe, work, device=args.device)
+            info = shipping.ship(best, target, recipe)
         finally:
             lock.unlink()
         print(f"[{k}/{len(recipes)}] {recipe.name}: test acc {info['test_acc']:.4f} "

@@ -15,7 +15,7 @@ import torchvision
 from torch.export import Dim
 
 from dk_ops import backend, models
-from erf_lab._hooks import get_layer, run_to_layer
+from erf_lab.layers import get_layer, run_to_layer
 from erf_lab.checkpoint import ExportedModule, load_model
 from erf_lab.errors import ErfLabError
 from erf_lab.rf import theoretical_rf

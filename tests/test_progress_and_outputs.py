@@ -1,6 +1,6 @@
-"""Progress output for logs (erf_lab._progress), output checks made before any work
-(erf_lab._io.check_output_dir / check_output_file in train, t-SNE and figures), and the
-registry of completed writes (erf_lab._io.written_files)."""
+"""Progress output for logs (erf_lab.progress), output checks made before any work
+(erf_lab.io.check_output_dir / check_output_file in train, t-SNE and figures), and the
+registry of completed writes (erf_lab.io.written_files)."""
 import errno
 import io
 import os
@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.std import tqdm as std_tqdm
 
-import erf_lab._io as eio
-from erf_lab._io import atomic_write, check_output_dir, check_output_file, reset_written, written_files
-from erf_lab._progress import loader_bar, progress
+import erf_lab.io as eio
+from erf_lab.io import atomic_write, check_output_dir, check_output_file, reset_written, written_files
+from erf_lab.progress import loader_bar, progress
 from erf_lab.errors import ErfLabError
 
 
@@ -142,7 +142,7 @@ def unwritable_dir(tmp_path, monkeypatch):
     """A folder the process cannot write into. The tests run as root, for whom chmod 0o555
     changes nothing, so the folder is made immutable with ``chattr +i`` (removed afterwards).
     Where chattr does not work (no permission, a file system without the flag), the write probe
-    of erf_lab._io is monkeypatched to raise PermissionError for this folder instead: that checks
+    of erf_lab.io is monkeypatched to raise PermissionError for this folder instead: that checks
     the error path but not that a real unwritable folder is detected."""
     d = tmp_path / "locked"
     d.mkdir()
@@ -314,7 +314,7 @@ def test_written_files_registry(tmp_path):
     assert written_files() == [a, b]
     written_files().clear()  # a copy
     assert written_files() == [a, b]
-    from analyses._io import write_text  # every layer's writers go through atomic_write
+    from erf_lab.io import write_text  # every layer's writers go through atomic_write
 
     write_text(tmp_path / "d.txt", "x")
     assert written_files() == [a, b, tmp_path / "d.txt"]

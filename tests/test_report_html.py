@@ -18,7 +18,8 @@ from PIL import Image
 
 import cli
 from analyses.scores import SCORE_COLUMNS
-from analyses.tsne import EMBEDDING_COLUMNS, TSNEResult, run_tsne
+from analyses.results import EMBEDDING_COLUMNS, TSNEResult
+from analyses.tsne import run_tsne
 
 SMALL = dict(max_samples=100, perplexity=10, n_iter=250, n_jobs=1, progress=False)
 STUDY_KW = {"op": "conv", "num_classes": 10, "widths": [8, 16], "depth": 1, "expand": 1, "stem_width": 8}

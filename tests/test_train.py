@@ -50,7 +50,7 @@ def test_one_epoch_per_op_and_checkpoint_round_trip(op, tmp_path):
     assert ck["arch"] == "study_net" and ck["arch_kwargs"]["op"] == op and ck["arch_kwargs"]["num_classes"] == 10
     assert ck["data_spec"] == DATA and ck["class_names"] == [str(d) for d in range(10)]
     assert ck["input_size"] == [3, 32, 32] and len(ck["size_bin_edges"]) == 11
-    assert set(ck["versions"]) == {"erf_lab", "torch", "python"}
+    assert set(ck["versions"]) == {"erf_lab", "torch", "numpy", "python"}
     assert len(m["history"]) == 1 and 0.0 <= m["test_acc"] <= 1.0 and np.isfinite(m["test_loss"])
     assert ck["metrics"]["test_acc"] == m["test_acc"]
     assert json.loads(paths["metrics"].read_text())["test_acc"] == m["test_acc"]

@@ -278,7 +278,7 @@ def test_subprocess_cli_errors_have_no_traceback(tmp_path):
 
 
 def test_no_hook_survives_an_error_in_the_forward():
-    from erf_lab._hooks import hook_all
+    from erf_lab.layers import hook_all
 
     net = Net().eval()
     seen = []

@@ -4,7 +4,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from ..modules import CondConv2d, DeformConv2d, DeformKernelConv2d, GlobalDeformKernel2d, _DeformKernelBase
+from ..modules import CondConv2d, DeformConv2d, DeformKernelConv2d, GlobalDeformKernel2d, DeformKernelBase
 
 
 def _conv_macs(out: torch.Tensor, in_per_group: int, kh: int, kw: int) -> int:
@@ -31,7 +31,7 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> D
             counts["macs"] += _conv_macs(out, module.in_channels // module.groups, *module.kernel_size)
         elif isinstance(module, nn.Linear):
             counts["macs"] += out[0].numel() * module.in_features
-        elif isinstance(module, (_DeformKernelBase, DeformConv2d, CondConv2d)):
+        elif isinstance(module, (DeformKernelBase, DeformConv2d, CondConv2d)):
             cg = module.in_channels // module.groups
             kh, kw = module.kernel_size
             counts["macs"] += _conv_macs(out, cg, kh, kw)
@@ -39,7 +39,7 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> D
             taps = kh * kw
             if isinstance(module, GlobalDeformKernel2d):
                 counts["sampling_macs"] += 4 * module.out_channels * cg * taps
-            elif isinstance(module, _DeformKernelBase):
+            elif isinstance(module, DeformKernelBase):
                 counts["sampling_macs"] += 4 * module.out_channels * cg * taps * positions
             if isinstance(module, (DeformConv2d, DeformKernelConv2d)):
                 counts["sampling_macs"] += 4 * module.in_channels * taps * positions
@@ -47,7 +47,7 @@ def complexity(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> D
                 counts["sampling_macs"] += module.num_experts * module.weight[0].numel()
 
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, _DeformKernelBase, DeformConv2d, CondConv2d)):
+        if isinstance(m, (nn.Conv2d, nn.Linear, DeformKernelBase, DeformConv2d, CondConv2d)):
             hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()

@@ -46,3 +46,13 @@ def make_conv(
     if op in dk_classes:
         return dk_classes[op](in_channels, out_channels, k, scope_size=scope_size, offset_clip=offset_clip, **common)
     raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
+
+
+def zero_offset_generators(model: nn.Module) -> None:
+    """Re-zero offset generators and routing after a model-wide init loop touched them."""
+    for m in model.modules():
+        for name in ("kernel_offset_generator", "offset_generator", "routing"):
+            gen = getattr(m, name, None)
+            if gen is not None:
+                nn.init.zeros_(gen.weight)
+                nn.init.zeros_(gen.bias)

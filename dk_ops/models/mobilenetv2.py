@@ -4,7 +4,7 @@ from typing import List, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from ._layers import make_conv
+from ._layers import make_conv, zero_offset_generators
 from ._registry import register_model
 
 
@@ -105,23 +105,13 @@ class MobileNetV2(nn.Module):
             for m in self.modules():
                 if isinstance(m, InvertedResidual) and m.use_residual:
                     nn.init.zeros_(m.conv[-1].weight)
-        _zero_offset_generators(self)
+        zero_offset_generators(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.forward_features(x)).flatten(1))
-
-
-def _zero_offset_generators(model: nn.Module) -> None:
-    """Re-zero offset generators and routing after a model-wide init loop touched them."""
-    for m in model.modules():
-        for name in ("kernel_offset_generator", "offset_generator", "routing"):
-            gen = getattr(m, name, None)
-            if gen is not None:
-                nn.init.zeros_(gen.weight)
-                nn.init.zeros_(gen.bias)
 
 
 @register_model

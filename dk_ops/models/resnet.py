@@ -4,9 +4,8 @@ from typing import List
 import torch.nn as nn
 from torch import Tensor
 
-from ._layers import make_conv
+from ._layers import make_conv, zero_offset_generators
 from ._registry import register_model
-from .mobilenetv2 import _zero_offset_generators
 
 
 class BottleneckDW(nn.Module):
@@ -80,7 +79,7 @@ class ResNetDW(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        _zero_offset_generators(self)
+        zero_offset_generators(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x)

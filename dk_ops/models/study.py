@@ -4,9 +4,8 @@ from typing import List, Sequence
 import torch.nn as nn
 from torch import Tensor
 
-from ._layers import make_conv
+from ._layers import make_conv, zero_offset_generators
 from ._registry import register_model
-from .mobilenetv2 import _zero_offset_generators
 
 
 class StudyBlock(nn.Module):
@@ -85,7 +84,7 @@ class StudyNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        _zero_offset_generators(self)
+        zero_offset_generators(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.blocks(self.stem(x))

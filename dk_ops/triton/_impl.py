@@ -38,6 +38,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._utils import conv_out_size, memory_format_of
+
 __all__ = ["forward", "backward", "kernels", "interpreting"]
 
 # Tile sizes. Kernels using tl.dot (kernel_side) need BC >= 16 and BL >= 16 on a GPU.
@@ -88,11 +90,6 @@ def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> Tenso
     return t
 
 
-def _format_of(t: Optional[Tensor]) -> torch.memory_format:
-    """Channels-last when ``t`` is channels-last and not also contiguous (impl.h's format_of)."""
-    cl = t is not None and t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _pow2(v: int) -> int:
@@ -122,8 +119,8 @@ class _P:
         self.geom = (int(sth), int(stw), int(ph), int(pw), int(dh), int(dw))
         if min(sth, stw, dh, dw) < 1 or min(ph, pw) < 0:
             raise ValueError("dk_ops (triton): invalid stride/padding/dilation")
-        self.Ho = (self.H + 2 * ph - dh * (kh - 1) - 1) // sth + 1
-        self.Wo = (self.W + 2 * pw - dw * (kw - 1) - 1) // stw + 1
+        self.Ho = conv_out_size(self.H, kh, sth, ph, dh)
+        self.Wo = conv_out_size(self.W, kw, stw, pw, dw)
         if self.Ho < 1 or self.Wo < 1:
             raise ValueError("dk_ops (triton): input too small for the kernel")
         self.L = self.Ho * self.Wo
@@ -239,14 +236,14 @@ def forward(input, weight, kernel_offset, offset, mask, bias, kernel_h, kernel_w
             dilation_h, dilation_w, groups) -> Tensor:
     p = _P(input, weight, kernel_offset, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
            dilation_h, dilation_w, groups)
-    y = _empty((p.N, p.Co, p.Ho, p.Wo), input.dtype, input.device, _format_of(input))
+    y = _empty((p.N, p.Co, p.Ho, p.Wo), input.dtype, input.device, memory_format_of(input))
     if p.N == 0:
         return y
     _check_device(input)
     with _device_guard(input.device):
         if p.Cg == 1:
             if _store_via_float32(input.dtype):
-                y32 = _empty(tuple(y.shape), torch.float32, y.device, _format_of(input))
+                y32 = _empty(tuple(y.shape), torch.float32, y.device, memory_format_of(input))
                 _dw_forward(p, input, weight, kernel_offset, offset, mask, bias, y32)
                 y.copy_(y32)
             else:
@@ -348,11 +345,11 @@ def backward(grad, input, weight, kernel_offset, offset, mask, kernel_h, kernel_
 
     g_in = g_w = g_dk = g_off = g_mask = None
     if p.N == 0:
-        g_in = torch.zeros_like(input, memory_format=_format_of(input)) if need_in else None
-        g_w = torch.zeros_like(weight, memory_format=_format_of(weight)) if need_w else None
-        g_dk = torch.zeros_like(kernel_offset, memory_format=_format_of(kernel_offset)) if need_dk else None
-        g_off = torch.zeros_like(offset, memory_format=_format_of(offset)) if need_off else None
-        g_mask = torch.zeros_like(mask, memory_format=_format_of(mask)) if need_mask else None
+        g_in = torch.zeros_like(input, memory_format=memory_format_of(input)) if need_in else None
+        g_w = torch.zeros_like(weight, memory_format=memory_format_of(weight)) if need_w else None
+        g_dk = torch.zeros_like(kernel_offset, memory_format=memory_format_of(kernel_offset)) if need_dk else None
+        g_off = torch.zeros_like(offset, memory_format=memory_format_of(offset)) if need_off else None
+        g_mask = torch.zeros_like(mask, memory_format=memory_format_of(mask)) if need_mask else None
     elif need_in or need_w or need_dk or need_off or need_mask:
         _check_device(input)
         with _device_guard(dev):
@@ -367,7 +364,7 @@ def backward(grad, input, weight, kernel_offset, offset, mask, kernel_h, kernel_
     def fmt(g, arg):
         if g is None:
             return input.new_empty((0,))  # a fresh tensor each: outputs must not alias
-        return g.to(dtype).contiguous(memory_format=_format_of(arg))
+        return g.to(dtype).contiguous(memory_format=memory_format_of(arg))
 
     g_b = grad.to(acc).sum(dim=(0, 2, 3)).to(dtype) if need_b else input.new_empty((0,))
     return (fmt(g_in, input), fmt(g_w, weight), fmt(g_dk, kernel_offset), fmt(g_off, offset), fmt(g_mask, mask),
@@ -379,7 +376,7 @@ def _input_grad_buffer(p, x, acc):
     if p.has_off:
         return torch.zeros((p.N, p.C, p.H, p.W), dtype=acc, device=x.device)
     dtype = torch.float32 if _store_via_float32(x.dtype) else x.dtype
-    return _empty(tuple(x.shape), dtype, x.device, _format_of(x))
+    return _empty(tuple(x.shape), dtype, x.device, memory_format_of(x))
 
 
 def _image_side(p, x, off, mask, gx, w, dk, gy, gin, n0, nb, need_in, need_off, need_mask, acc):

@@ -22,6 +22,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .._utils import conv_out_size, memory_format_of
+from .fallback import reference_backward, reference_forward
+
 __all__ = ["NAMESPACE", "forward_op", "backward_op"]
 
 NAMESPACE = "dk_ops_triton"
@@ -40,41 +43,6 @@ _BWD_SCHEMA = (
 _N_SIZES = 9
 
 
-def _format_of(t: Tensor) -> torch.memory_format:
-    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _reference_forward(input, weight, kernel_offset, offset, mask, bias, sizes):
-    from ..reference import deform_kernel_conv2d_reference
-
-    kh, kw, sh, sw, ph, pw, dh, dw, groups = sizes
-    y = deform_kernel_conv2d_reference(input, weight, kernel_offset, offset, mask, bias, (kh, kw), (sh, sw),
-                                       (ph, pw), (dh, dw), groups)
-    return y.contiguous(memory_format=_format_of(input))
-
-
-def _reference_backward(grad, input, weight, kernel_offset, offset, mask, sizes, output_mask):
-    """The backward op's outputs computed by autograd through the reference path."""
-    args = [input, weight, kernel_offset, offset, mask]
-    leaves = [None if a is None else a.detach().requires_grad_() for a in args]
-    with torch.inference_mode(False), torch.enable_grad():
-        y = _reference_forward(*leaves, None, sizes)
-        want = [i for i, a in enumerate(leaves) if a is not None and output_mask[i]]
-        grads = torch.autograd.grad(y, [leaves[i] for i in want], grad, allow_unused=True) if want else []
-    out = [input.new_empty((0,)) for _ in range(6)]
-    for i, g in zip(want, grads):
-        g = torch.zeros_like(args[i]) if g is None else g
-        out[i] = g.contiguous(memory_format=_format_of(args[i]))
-    if output_mask[5]:
-        out[5] = grad.sum(dim=(0, 2, 3))
-    return tuple(out)
-
-
 def _triton_ok(device: torch.device) -> bool:
     from . import selfcheck
 
@@ -87,7 +55,7 @@ def forward_op(input: Tensor, weight: Tensor, kernel_offset: Optional[Tensor], o
                stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, groups: int) -> Tensor:
     sizes = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups)
     if not _triton_ok(input.device):
-        return _reference_forward(input, weight, kernel_offset, offset, mask, bias, sizes)
+        return reference_forward(input, weight, kernel_offset, offset, mask, bias, sizes)
     from . import _impl
 
     return _impl.forward(input, weight, kernel_offset, offset, mask, bias, *sizes)
@@ -100,7 +68,7 @@ def backward_op(grad: Tensor, input: Tensor, weight: Tensor, kernel_offset: Opti
                 output_mask: List[bool]):
     sizes = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups)
     if not _triton_ok(input.device):
-        return _reference_backward(grad, input, weight, kernel_offset, offset, mask, sizes, output_mask)
+        return reference_backward(grad, input, weight, kernel_offset, offset, mask, sizes, output_mask)
     from . import _impl
 
     return _impl.backward(grad, input, weight, kernel_offset, offset, mask, *sizes, output_mask)
@@ -111,9 +79,9 @@ def _fake_forward(input, weight, kernel_offset, offset, mask, bias, kernel_h, ke
                   pad_w, dilation_h, dilation_w, groups):
     torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "dk_ops: input and weight must be 4-D")
     n, _, h, w = input.shape
-    ho = _out_size(h, kernel_h, stride_h, pad_h, dilation_h)
-    wo = _out_size(w, kernel_w, stride_w, pad_w, dilation_w)
-    return input.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_format_of(input))
+    ho = conv_out_size(h, kernel_h, stride_h, pad_h, dilation_h)
+    wo = conv_out_size(w, kernel_w, stride_w, pad_w, dilation_w)
+    return input.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=memory_format_of(input))
 
 
 @backward_op.register_fake
@@ -121,7 +89,7 @@ def _fake_backward(grad, input, weight, kernel_offset, offset, mask, kernel_h, k
                    pad_w, dilation_h, dilation_w, groups, output_mask):
     def like(t, want):
         if want and t is not None:
-            return t.new_empty(t.shape).contiguous(memory_format=_format_of(t))
+            return t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t))
         return input.new_empty((0,))
 
     return (like(input, output_mask[0]), like(weight, output_mask[1]), like(kernel_offset, output_mask[2]),

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._utils import conv_out_size
+
 __all__ = ["CHECKED_DEVICE_TYPES", "enabled", "passed", "result", "results", "run", "reset"]
 
 CHECKED_DEVICE_TYPES = {"cuda"}
@@ -85,8 +87,8 @@ def _make(spec: dict, gen: torch.Generator) -> tuple:
     k, scope = (3, 3), (4, 4)
     st, pd, dl = spec["stride"], spec["padding"], spec["dilation"]
     K = k[0] * k[1]
-    ho = (h + 2 * pd[0] - dl[0] * (k[0] - 1) - 1) // st[0] + 1
-    wo = (w + 2 * pd[1] - dl[1] * (k[1] - 1) - 1) // st[1] + 1
+    ho = conv_out_size(h, k[0], st[0], pd[0], dl[0])
+    wo = conv_out_size(w, k[1], st[1], pd[1], dl[1])
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
@@ -113,7 +115,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _check_case(device: torch.device, spec: dict, seed: int, tol: float) -> List[str]:
     from . import _impl
-    from .ops import _reference_backward, _reference_forward
+    from .fallback import reference_backward, reference_forward
 
     gen = torch.Generator().manual_seed(seed)
     args, sizes = _make(spec, gen)
@@ -124,8 +126,8 @@ def _check_case(device: torch.device, spec: dict, seed: int, tol: float) -> List
     y = _impl.forward(*dev_args, *sizes)
     grads = _impl.backward(grad.to(device), *dev_args[:5], *sizes, need)
     ref_args = [None if a is None else a.double() for a in args]
-    y_ref = _reference_forward(*ref_args, sizes)
-    g_ref = _reference_backward(grad.double(), *ref_args[:5], sizes, need)
+    y_ref = reference_forward(*ref_args, sizes)
+    g_ref = reference_backward(grad.double(), *ref_args[:5], sizes, need)
     bad = []
     names = ["output", "input grad", "weight grad", "kernel-offset grad", "offset grad", "mask grad", "bias grad"]
     for name, a, b, want in zip(names, (y,) + tuple(grads), (y_ref,) + tuple(g_ref), [True] + need):

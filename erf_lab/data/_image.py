@@ -1,6 +1,6 @@
 """Reading image files: decode with PIL, convert, resize, and say clearly what went wrong."""
 import warnings
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ def filter_readable(paths: Sequence[str], skip_bad: bool, what: str) -> np.ndarr
     ``skip_bad`` (then they are dropped and counted in a warning)."""
     keep: List[int] = []
     bad: List[Tuple[str, str]] = []
-    from .._progress import progress
+    from ..progress import progress
 
     for i, path in enumerate(progress(paths, desc=f"checking {what}", leave=False, enabled=len(paths) >= 2000)):
         reason = check_readable(path)

@@ -31,14 +31,13 @@ from ..errors import ErfLabError
 from ._image import filter_readable, load_image, to_tensor
 from .base import IMAGENET_MEAN, IMAGENET_STD, SampleDataset, channel_stats, subset_indices
 from .bins import SizeBins
+from .options import parse_options
 
 BOX_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in real files) before it is an error
 _DEFAULTS = {"mode": "crop", "margin": "0.5", "crowd": "0", "min_size": "4"}
 
 
 def _split_spec(rest: str, spec: str) -> Tuple[str, str, Dict[str, str]]:
-    from .spec import parse_options
-
     parts = rest.split(":")
     options: Dict[str, str] = {}
     if len(parts) >= 3 and "=" in parts[-1]:

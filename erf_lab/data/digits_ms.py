@@ -395,7 +395,7 @@ def generate(size: int = 64, seed: int = 0, renders: int = 4, jitter: int = 1, p
     splits = {k: v for k, v in glyph_splits(labels, seed).items() if k in splits}
     out: Dict[str, np.ndarray] = {}
     total = sum(len(v) * (renders if k == "train" else EVAL_RENDERS) for k, v in splits.items())
-    from .._progress import progress as progress_bar
+    from ..progress import progress as progress_bar
 
     bar = progress_bar(total=total, desc=f"generating digits-ms:{size} (once, then cached)", enabled=progress, leave=False)
     for split, idx in splits.items():

@@ -15,32 +15,17 @@
   ``min_size=4``, ``crowd=0``, e.g. ``coco:ann.json:images:mode=full``.
 """
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from ..errors import ErfLabError
 from .base import SampleDataset
 from .bins import SizeBins
+from .options import parse_options
 
 SPLITS = ("train", "val", "test", "all")
 DEFAULT_SPEC = "digits-ms"
 
 ImageSize = Union[int, Sequence[int], None]
-
-
-def parse_options(text: str, where: str) -> Dict[str, str]:
-    """``key=value,key=value`` -> dict (a bare first value is returned under ``""``)."""
-    out: Dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" in part:
-            key, value = (s.strip() for s in part.split("=", 1))
-            if not key:
-                raise ErfLabError(f"data spec {where!r}: empty option name in {part!r}")
-            out[key] = value
-        elif "" not in out and not out:
-            out[""] = part
-        else:
-            raise ErfLabError(f"data spec {where!r}: option {part!r} is not of the form key=value")
-    return out
 
 
 def _image_size(image_size: ImageSize) -> Optional[Tuple[int, int]]:

@@ -1,12 +1,24 @@
-"""Atomic file writes shared by every layer that saves results (erf_lab, analyses, figures),
-the checks that a command can write its outputs (made before any work), and a registry of
-the files written so far in this process (for "interrupted; already written: ..." messages)."""
+"""Writing results, shared by every package (erf_lab, analyses, figures, the CLI).
+
+* atomic writes (:func:`atomic_write` and the ``write_*`` helpers built on it): a file is
+  complete or absent, never half-written;
+* one JSON policy (:func:`jsonable`): numpy values become Python values, paths strings, and
+  non-finite floats ``null``, so every JSON file is strict (``allow_nan=False``);
+* the checks that a command can write its outputs, made before any work
+  (:func:`check_output_dir`, :func:`check_output_file`);
+* a registry of the files written so far in this process, for "interrupted; already
+  written: ..." messages (:func:`written_files`);
+* :func:`versions`, the library versions recorded in every result's metadata.
+"""
+import json
 import math
 import os
+import platform
+import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -205,3 +217,64 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
+
+
+def dumps(obj: Any) -> str:
+    """Indented strict JSON of :func:`jsonable` ``obj``."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False)
+
+
+def write_text(path: PathLike, text: str, fsync: bool = False) -> Path:
+    """Writes UTF-8 text atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")), fsync=fsync)
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Writes bytes atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json(path: PathLike, obj: Any, fsync: bool = False) -> Path:
+    """``obj`` as indented strict JSON (:func:`jsonable`), atomically."""
+    return write_text(path, dumps(obj) + "\n", fsync=fsync)
+
+
+def write_csv(path: PathLike, df: Any, float_format: Optional[str] = "%.6g") -> Path:
+    """A pandas DataFrame as CSV (no index; floats to 6 significant digits, or in full with
+    ``float_format=None``), atomically."""
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=float_format))
+
+
+def write_npz(path: PathLike, **arrays: np.ndarray) -> Path:
+    """Compressed ``.npz`` of ``arrays``, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of ``name`` (letters, digits, ``-``, ``_``, ``.``)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    return s or "model"
+
+
+def versions(*distributions: str) -> Dict[str, Optional[str]]:
+    """Versions recorded with a result: erf_lab, python, numpy and torch, and each named
+    distribution (``"scikit-learn"``, ``"openTSNE"``...; None where it is not installed)."""
+    from importlib import metadata
+
+    import torch
+
+    from . import __version__
+
+    out: Dict[str, Optional[str]] = {"erf_lab": str(__version__), "python": platform.python_version(),
+                                     "numpy": np.__version__, "torch": str(torch.__version__)}
+    for dist in distributions:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
