@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 from dk_ops.modules import CondConv2d, DeformKernel2d
 from erf_lab import ERFResult, compute_erf
-from erf_lab.erf import _check_locality, _crop_window, _Engine, _geometry, _select, _Source, PRESETS
+from erf_lab.erf import PRESETS
+from erf_lab.erf.engine import Engine
+from erf_lab.erf.geometry import crop_window, geometry
+from erf_lab.erf.locality import check_locality
+from erf_lab.erf.sampling import ImageSource, select_images
 from erf_lab.errors import ErfLabError
 from erf_lab.metrics import second_moments
 
@@ -227,11 +231,11 @@ def test_empirical_locality_check_catches_global_routing():
     local = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DeformKernel2d(4, 4, 3, padding=1)).eval()
     x = torch.randn(3, 48, 48)
     for model, expect in ((routed, False), (local, True)):
-        geo = _geometry(model, None, None, "auto", None, "center", x)
+        geo = geometry(model, None, None, "auto", None, "center", x)
         geo.local = True  # pretend the graph said "local": the empirical check must still decide
-        window = _crop_window(geo, (48, 48))
-        engine = _Engine(model, None, None, geo, PRESETS["replknet"], True)
-        assert (_check_locality(engine, x, window, seed=0) is not None) is expect
+        window = crop_window(geo, (48, 48))
+        engine = Engine(model, None, None, geo, PRESETS["replknet"], True)
+        assert check_locality(engine, x, window, seed=0) is expect
 
 
 def test_layouts_nhwc_tokens_and_tuple_outputs_agree_with_nchw():
@@ -276,10 +280,10 @@ def test_sampling_is_seeded_and_stratified():
         def __getitem__(self, i):
             return {"image": torch.full((1, 4, 4), float(i)), "label": int(self.labels[i])}
 
-    src = _Source(Labelled())
-    assert _select(src, 6, "random", 3) == _select(src, 6, "random", 3)
-    assert _select(src, 6, "random", 3) != _select(src, 6, "random", 4)
-    picked = _select(src, 9, "stratified", 0)
+    src = ImageSource(Labelled())
+    assert select_images(src, 6, "random", 3) == select_images(src, 6, "random", 3)
+    assert select_images(src, 6, "random", 3) != select_images(src, 6, "random", 4)
+    picked = select_images(src, 9, "stratified", 0)
     assert sorted(np.bincount(Labelled.labels[picked])) == [3, 3, 3]
     a = compute_erf(nn.Conv2d(1, 1, 3, padding=1), Labelled(), num_images=5, seed=1, progress=False)
     b = compute_erf(nn.Conv2d(1, 1, 3, padding=1), [(torch.full((1, 4, 4), float(i)), 0) for i in range(20)],
@@ -378,7 +382,7 @@ def test_cone_pruning_matches_the_plain_computation():
         assert "cropped to the unit's cone (verified)" in a.meta["cone"] and b.meta["cone"] == "off"
         np.testing.assert_allclose(a.map, b.map, rtol=1e-5, atol=1e-6 * np.abs(b.map).max())
         assert (a.map[b.map == 0] == 0).all()
-    from erf_lab._cone import plan_cone
+    from erf_lab.erf.cone import plan_cone
     from erf_lab.rf import trace_rf
 
     g = trace_rf(net, (3, 96, 96))
@@ -446,14 +450,14 @@ def test_groupnorm_is_global_to_the_graph():
 def test_numeric_check_passes_on_a_local_residual_net_and_costs_no_crop_pass(monkeypatch):
     """The local twin of the nets above: crop and cone are verified, the map equals the full-image
     one, and the check adds exactly one batch-1 forward (the reference) to the run."""
-    import erf_lab.erf as erf_mod
+    import erf_lab.erf.locality as locality
 
     torch.manual_seed(5)
     net = nn.Sequential(*_stem(), Block(4, 1), nn.Identity(), Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
     images = torch.randn(5, 3, 96, 96)
     calls = []
-    real = erf_mod._reference
-    monkeypatch.setattr(erf_mod, "_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = locality.reference
+    monkeypatch.setattr(locality, "reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     forwards = []
     handle = net.register_forward_pre_hook(lambda m, i: forwards.append(tuple(i[0].shape)))
     try:
@@ -574,7 +578,7 @@ def test_folding_keeps_batch_statistics_norms():
 
 
 def test_crop_backward_pads_in_the_input_memory_format():
-    from erf_lab._cone import _Crop
+    from erf_lab.erf.cone import _Crop
 
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: _Crop.apply(t, 2, 7, 1, 5), (x,))
@@ -590,11 +594,11 @@ def test_crop_backward_pads_in_the_input_memory_format():
 def test_auto_batch_shrinks_when_the_crop_falls_back_to_whole_images(monkeypatch):
     """The crop's auto batch (many small crops) must not be used for whole images after the
     locality check fails; every image is still counted once and the map is the full-image one."""
-    import erf_lab.erf as erf_mod
+    import erf_lab.erf.memory as memory
     import erf_lab.rf as rf_mod
 
     monkeypatch.setattr(rf_mod, "_statistics_norm", lambda *args: "")  # hide GroupNorm from the graph
-    monkeypatch.setattr(erf_mod, "CPU_BATCH_PIXELS", 4 * 96 * 96)
+    monkeypatch.setattr(memory, "CPU_BATCH_PIXELS", 4 * 96 * 96)
     torch.manual_seed(5)
     net = nn.Sequential(*_stem(), Block(4, 1), nn.GroupNorm(2, 4), Block(4, 1), nn.Conv2d(4, 4, 3, padding=1))
     images = torch.randn(10, 3, 96, 96)

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .rf import LayerRF
+from ..rf import LayerRF
 
 __all__ = ["plan_cone", "ConeCrop"]
 
@@ -106,7 +106,7 @@ class ConeCrop:
     def __init__(self, model: nn.Module, plan: Sequence[Tuple[str, LayerRF]], target: LayerRF,
                  centers: Sequence[Tuple[float, float]]) -> None:
         self.model = model
-        self.items = list(plan)  # modules looked up when hooked: the run may swap some (erf_lab._fold)
+        self.items = list(plan)  # modules looked up when hooked: the run may swap some (erf_lab.erf.fold)
         self.target = target
         self.lo = (min(c[0] for c in centers), min(c[1] for c in centers))
         self.hi = (max(c[0] for c in centers), max(c[1] for c in centers))
