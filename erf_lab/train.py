@@ -38,10 +38,12 @@ Checkpoint dict (plain types and tensors only; ``torch.load(..., weights_only=Tr
      "metrics": {...}, "epoch": int, "versions": {...}, "train_args": {...},
      "optimizer": ..., "scheduler": ..., "rng": {...}}
 """
+import dataclasses
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -186,15 +188,18 @@ def size_floor(epoch: int, curriculum_epochs: int) -> float:
     return math.exp((1 - t) * math.log(CURRICULUM_START) + t * math.log(SIZE_RANGE[0]))
 
 
-def resize_schedule(spec: Union[str, None, Sequence[Sequence[float]]], model: Optional[nn.Module] = None):
+def resize_schedule(spec: Union[str, None, Sequence[Sequence[float]]], arch: Optional[str] = None):
     """``progressive_resize`` as a tuple of ``(until, scale)`` steps (empty: off).
 
-    ``"auto"``: :data:`PROGRESSIVE_RESIZE` for models that set ``prefers_progressive_resize``
-    (the study nets), else off. A string ``"0.3:0.5,0.6:0.75"`` reads as two steps."""
+    ``"auto"``: :data:`PROGRESSIVE_RESIZE` for architectures registered with the
+    ``progressive_resize`` train hint (the study nets; :func:`dk_ops.models.train_hints`), else
+    off. A string ``"0.3:0.5,0.6:0.75"`` reads as two steps."""
+    from dk_ops.models import train_hints
+
     if spec is None or spec in ("off", "none", ""):
         return ()
     if spec == "auto":
-        return PROGRESSIVE_RESIZE if getattr(model, "prefers_progressive_resize", False) else ()
+        return PROGRESSIVE_RESIZE if arch and train_hints(arch)["progressive_resize"] else ()
     try:
         if isinstance(spec, str):
             spec = [part.split(":") for part in spec.split(",")]
@@ -249,46 +254,13 @@ def _load_resume(paths: Dict[str, Path]) -> Optional[Dict[str, Any]]:
     return None
 
 
-def train(
-    arch: str,
-    op: str = "conv",
-    data_spec: str = "digits-ms",
-    epochs: int = 10,
-    out_path: PathLike = "checkpoint.pt",
-    *,
-    seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
-    resume: bool = False,
-    lr: Optional[float] = None,
-    batch_size: int = 64,
-    num_workers: Union[int, str] = "auto",
-    optimizer: str = "adamw",
-    weight_decay: Optional[float] = None,
-    warmup_epochs: float = 0.5,
-    offset_lr_mult: Union[float, str] = "auto",
-    label_smoothing: float = 0.0,
-    augment: bool = True,
-    size_curriculum_epochs: Union[int, str] = "auto",
-    time_budget_s: Optional[float] = None,
-    progressive_resize: Union[str, None, Sequence[Sequence[float]]] = "auto",
-    channels_last: Union[bool, str] = "auto",
-    image_size: Union[int, Sequence[int], None] = None,
-    channels: int = 3,
-    arch_kwargs: Optional[Dict[str, Any]] = None,
-    max_train_images: Optional[int] = None,
-    max_eval_images: Optional[int] = None,
-    skip_bad: bool = False,
-    progress: bool = True,
-) -> Dict[str, Any]:
-    """Train ``arch`` with operator ``op`` on ``data_spec``; write checkpoints; return the metrics.
+# ---- configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train` trains: every option after the arch, op, data, epochs and output file.
+    Checked on construction (one-line :class:`ErfLabError`).
 
-    Args:
-        arch: a ``dk_ops.models`` name (``study_net``, ``mobilenet_v2``, ``resnet50_dw``).
-        op: ``conv``, ``dcn``, ``condconv``, ``dk_global``, ``dk`` or ``dk_dcn``.
-        data_spec: any ``--data`` spec with labels (see :func:`erf_lab.data.open_data`).
-        epochs: total epochs (with ``resume``, the run continues up to this many); with
-            ``time_budget_s``, the most epochs.
-        out_path: the best checkpoint; ``.last.pt`` and ``.metrics.json`` go beside it.
+    Attributes:
         seed: seeds the model initialisation, shuffling and augmentation.
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         resume: continue from ``OUT.last.pt`` (or ``OUT``) when it exists.
@@ -298,39 +270,39 @@ def train(
             process; on 2 cores a worker process only competes with the training threads
             (conv study net: 1.0 ms/img with 2 threads and no worker, 1.45 with 1 thread and
             one worker). Results do not depend on the number of workers.
-        optimizer: ``adamw`` or ``sgd``.
-        weight_decay: default 0.05 (AdamW) or 5e-4 (SGD).
+        optimizer: ``adamw`` or ``sgd`` (Nesterov momentum 0.9).
+        weight_decay: default 0.05 (AdamW) or 5e-4 (SGD); never on biases and norms.
         warmup_epochs: linear warm-up length, in epochs.
         offset_lr_mult: learning-rate factor of the offset generators (the
             ``*kernel_offset_generator*`` parameters of DK layers and the
             ``*offset_generator*`` ones of DCN layers); ``"auto"``: :data:`OFFSET_LR_MULT`.
         label_smoothing: of the cross-entropy loss.
         augment: random shifts of up to 1/16 of the image side.
-        time_budget_s: train for this many seconds of wall time (training, per-epoch
-            validation and checkpoint writes; ``metrics["train_seconds"]``) instead of a fixed
-            number of epochs: the cosine schedule runs over the fraction of the budget spent
-            (or of ``epochs``, whichever is further along), and training stops, mid-epoch if
-            need be, early enough to validate and write the last epoch within the budget (the
-            last validation's duration is kept in reserve). Results then depend on the
-            machine's speed; runs with the same seed are not repeatable.
         size_curriculum_epochs: for epochs ``1..E`` the fresh ``digits-ms`` renders' object
             sizes start at :data:`CURRICULUM_START` x side (large objects only) and the floor
             falls log-linearly to the full range's 0.12 x side at epoch ``E + 1`` (epoch 0
             reads the cached, full-range renders; val and test are never changed). ``"auto"``:
             a sixth of the run (with ``time_budget_s``: of the epochs the first epoch's duration
-            predicts), at most 6 epochs, for models that set
-            ``prefers_size_curriculum`` (MobileNetV2) on data that renders on the fly (fresh
+            predicts), at most 6 epochs, for architectures registered with the
+            ``size_curriculum`` train hint (MobileNetV2) on data that renders on the fly (fresh
             ``digits-ms``), else 0. Without it MobileNetV2 sat at chance for 6-33 epochs (small
             objects on textured backgrounds); the study nets leave chance within two epochs and
             did 1-2 points worse with it in 3-minute runs.
+        time_budget_s: train for this many seconds of wall time (training, per-epoch
+            validation and checkpoint writes; ``metrics["train_seconds"]``) instead of a fixed
+            number of epochs (:class:`TimeBudget`): the cosine schedule runs over the fraction of
+            the budget spent (or of the epochs, whichever is further along), and training
+            stops, mid-epoch if need be, early enough to validate and write the last epoch
+            within the budget. Results then depend on the machine's speed; runs with the same
+            seed are not repeatable.
         progressive_resize: train on downscaled images early in the run (antialiased
             bilinear resizing of each batch; validation and test at full size): ``(until,
             scale)`` steps, e.g. ``((0.3, 0.5), (0.6, 0.75))`` trains at half the side until
             30% of the run (fraction of the epochs, or of ``time_budget_s`` when further along),
             at 3/4 until 60%, then at full size. ``"auto"``: :data:`PROGRESSIVE_RESIZE` for
-            models that set ``prefers_progressive_resize`` (the study nets), else off. Study
-            nets in 3-minute runs: 6 epochs more (37 vs 31, conv) and 92.0% vs 90.6% test
-            accuracy; the small-object bins gain most (docs/experiments.md).
+            architectures registered with the ``progressive_resize`` train hint (the study
+            nets), else off. Study nets in 3-minute runs: 6 epochs more (37 vs 31, conv) and
+            92.0% vs 90.6% test accuracy; the small-object bins gain most (docs/experiments.md).
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
             on CPU for models with 2-D convolutions (:func:`erf_lab._layout.channels_last_pays`:
             oneDNN's convolutions and BatchNorm are faster there; CondConv's 5-D expert bank
@@ -342,13 +314,321 @@ def train(
         skip_bad: skip undecodable images.
         progress: one line per epoch (stdout); tqdm bars on a terminal, and when stderr is
             not one, a line for the final test instead (:func:`erf_lab.progress.progress`).
+    """
+
+    seed: int = 0
+    device: Union[str, torch.device] = "cpu"
+    resume: bool = False
+    lr: Optional[float] = None
+    batch_size: int = 64
+    num_workers: Union[int, str] = "auto"
+    optimizer: str = "adamw"
+    weight_decay: Optional[float] = None
+    warmup_epochs: float = 0.5
+    offset_lr_mult: Union[float, str] = "auto"
+    label_smoothing: float = 0.0
+    augment: bool = True
+    size_curriculum_epochs: Union[int, str] = "auto"
+    time_budget_s: Optional[float] = None
+    progressive_resize: Union[str, None, Sequence[Sequence[float]]] = "auto"
+    channels_last: Union[bool, str] = "auto"
+    image_size: Union[int, Sequence[int], None] = None
+    channels: int = 3
+    arch_kwargs: Optional[Dict[str, Any]] = None
+    max_train_images: Optional[int] = None
+    max_eval_images: Optional[int] = None
+    skip_bad: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ErfLabError(f"batch size must be >= 1, got {self.batch_size}")
+        w = self.num_workers
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ErfLabError(f"num_workers must be an integer >= 0 or 'auto', got {w!r}")
+        c = self.size_curriculum_epochs
+        if c != "auto" and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise ErfLabError(f"size_curriculum_epochs must be an integer >= 0 or 'auto', got {c!r}")
+        b = self.time_budget_s
+        if b is not None and not (isinstance(b, (int, float)) and b > 0):
+            raise ErfLabError(f"time budget must be a positive number of seconds, got {b!r}")
+        m = self.offset_lr_mult
+        if m != "auto" and (isinstance(m, (str, bool)) or not m >= 0):
+            raise ErfLabError(f"offset_lr_mult must be a number >= 0 or 'auto', got {m!r}")
+        object.__setattr__(self, "optimizer", self.optimizer.lower())
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ErfLabError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (6e-3 if self.optimizer == "adamw" else 0.1)
+
+    @property
+    def decay(self) -> float:
+        """The weight decay of weights (biases and norms get none)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.optimizer == "adamw" else 5e-4
+
+    @property
+    def offset_mults(self) -> Dict[str, float]:
+        """Learning-rate factor per offset kind (``kernel``: DK, ``sampling``: DCN)."""
+        if self.offset_lr_mult == "auto":
+            return dict(OFFSET_LR_MULT)
+        return dict.fromkeys(OFFSET_LR_MULT, float(self.offset_lr_mult))
+
+
+class TimeBudget:
+    """The run's wall clock (training, validation and checkpoint writes) and, with a budget, when
+    to stop: before an epoch or a step that would leave too little time to validate and write
+    the last epoch (its validation and writes, ``reserve``, and two steps are kept back)."""
+
+    def __init__(self, budget_s: Optional[float]) -> None:
+        self.budget_s = budget_s
+        self.start = time.perf_counter()
+        self.reserve = 0.0  # the last epoch's validation and checkpoint time
+        self.step_s = 0.0  # the last training step's time
+
+    def resume(self, spent_before: float) -> None:
+        """Continue the clock of a resumed run from the seconds it had spent."""
+        self.start = time.perf_counter() - spent_before
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fraction(self) -> float:
+        """Fraction of the budget spent (0 without a budget)."""
+        return 0.0 if self.budget_s is None else self.spent() / self.budget_s
+
+    def stop_before_epoch(self, epochs_done: int) -> bool:
+        return self.budget_s is not None and epochs_done > 0 and self.spent() + 1.25 * self.reserve >= self.budget_s
+
+    def stop_before_step(self, images_seen: int) -> bool:
+        return (self.budget_s is not None and images_seen > 0
+                and self.spent() + 1.25 * self.reserve + 2 * self.step_s >= self.budget_s)
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
+    """Optimizer groups: (ordinary, DK kernel-offset, DCN sampling-offset parameters) x (weights,
+    with decay; biases and norms, without), each offset kind at its learning-rate factor."""
+    mults, groups = config.offset_mults, []
+    for kind in (None, "kernel", "sampling"):
+        for decays in (True, False):
+            params = [p for n, p in model.named_parameters() if _offset_kind(n) == kind and (p.ndim > 1) == decays]
+            if params:
+                groups.append({"params": params, "weight_decay": config.decay if decays else 0.0,
+                               "lr": config.peak_lr * (1.0 if kind is None else mults[kind])})
+    return groups
+
+
+# ---- the run ---------------------------------------------------------------------------------
+class _Run:
+    """One training run's state: data, model, optimizer, schedule, clock and metrics."""
+
+    def __init__(self, arch: str, op: str, data_spec: str, epochs: int, cfg: TrainConfig, paths: Dict[str, Path],
+                 state: Optional[Dict[str, Any]]) -> None:
+        from dk_ops import models
+
+        self.arch, self.data_spec, self.epochs, self.cfg, self.paths = arch, data_spec, epochs, cfg, paths
+        self.dev = _resolve_device(cfg.device)
+        self.base, self.sets = training_splits(data_spec, cfg.image_size, cfg.channels, cfg.seed, cfg.max_train_images,
+                                               cfg.max_eval_images, cfg.skip_bad)
+        self.workers = 0 if cfg.num_workers == "auto" else cfg.num_workers
+        self.h, self.w = self.base.image_size
+        torch.manual_seed(cfg.seed)
+        kwargs = dict(cfg.arch_kwargs or {})
+        if cfg.channels != 3:
+            kwargs.setdefault("in_chans", cfg.channels)
+        self.model = models.create(arch, op=op, num_classes=self.base.num_classes, **kwargs)
+        self.full_kwargs = dict(self.model.arch_kwargs)
+        self._plan_curriculum(models.train_hints(arch)["size_curriculum"])
+        self.resize_steps = resize_schedule(cfg.progressive_resize, arch)
+        cx = models.complexity(self.model, input_size=(cfg.channels, self.h, self.w))
+        self.model.to(self.dev)
+        self.channels_last = resolve_channels_last(cfg.channels_last, self.model, self.dev)
+        if self.channels_last:
+            to_channels_last(self.model)
+        groups = param_groups(self.model, cfg)
+        self.opt = (torch.optim.AdamW(groups, lr=cfg.peak_lr, fused=True) if cfg.optimizer == "adamw"
+                    else torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=0.9, nesterov=True))
+        steps = math.ceil(len(self.sets["train"]) / cfg.batch_size)
+        self.clock = TimeBudget(cfg.time_budget_s)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(
+            int(cfg.warmup_epochs * steps), epochs * steps, None if cfg.time_budget_s is None else self.clock.fraction))
+        self.train_args = self._train_args()
+        self.metrics: Dict[str, Any] = {
+            "history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0, "params": int(cx["params"]),
+            "macs": int(cx["macs"]), "num_train": len(self.sets["train"]), "num_val": len(self.sets["val"]),
+            "num_test": len(self.sets["test"])}
+        self.start_epoch = 0
+        if state is not None:
+            self._load(state)
+        self.clock.resume(self.metrics["train_seconds"])
+
+    def _plan_curriculum(self, wanted: bool) -> None:
+        """The size curriculum's length; "auto" under a time budget waits for the first epoch's time."""
+        cfg, can = self.cfg, self.base.renders_on_the_fly
+        self.curriculum_pending = False
+        self.curriculum = cfg.size_curriculum_epochs
+        if self.curriculum == "auto":
+            wants = can and wanted
+            self.curriculum_pending = wants and cfg.time_budget_s is not None
+            self.curriculum = auto_curriculum_epochs(self.epochs) if wants and not self.curriculum_pending else 0
+        if self.curriculum and not can:
+            raise ErfLabError(f"a size curriculum needs fresh digits-ms renders (digits-ms with fresh=1), "
+                              f"not {self.data_spec!r}")
+
+    def _train_args(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        return dict(optimizer=cfg.optimizer, lr=cfg.peak_lr, weight_decay=cfg.decay, batch_size=cfg.batch_size,
+                    epochs=self.epochs, warmup_epochs=cfg.warmup_epochs, offset_lr_mult=cfg.offset_mults,
+                    label_smoothing=cfg.label_smoothing, augment=cfg.augment, size_curriculum_epochs=self.curriculum,
+                    time_budget_s=cfg.time_budget_s, progressive_resize=[list(step) for step in self.resize_steps],
+                    channels_last=bool(self.channels_last), seed=cfg.seed, max_train_images=cfg.max_train_images,
+                    max_eval_images=cfg.max_eval_images, device=str(self.dev))
+
+    def _load(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["state_dict"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.metrics = state["metrics"]
+        self.start_epoch = int(state["epoch"])
+        if self.curriculum_pending and self.start_epoch >= 1:
+            self.curriculum = int(state["train_args"].get("size_curriculum_epochs") or 0)
+            self.curriculum_pending = False
+            self.train_args["size_curriculum_epochs"] = self.curriculum
+
+    def checkpoint(self, epoch: int, with_state: bool) -> Dict[str, Any]:
+        """The checkpoint dict (module docstring; docs/design.md section 4)."""
+        base = self.base
+        ckpt: Dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": self.arch,
+            "arch_kwargs": self.full_kwargs,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+            "data_spec": self.data_spec, "class_names": list(base.class_names),
+            "size_bin_edges": None if base.size_bin_edges is None else list(base.size_bin_edges),
+            "normalization": {"mean": list(base.mean), "std": list(base.std)},
+            "input_size": [self.cfg.channels, self.h, self.w], "metrics": json.loads(dumps(self.metrics)),
+            "epoch": epoch, "versions": versions(), "train_args": dict(self.train_args),
+        }
+        if with_state:
+            ckpt["optimizer"] = self.opt.state_dict()
+            ckpt["scheduler"] = self.sched.state_dict()
+            ckpt["rng"] = {"torch": torch.get_rng_state(), "seed": self.cfg.seed, "epoch": epoch}
+        return ckpt
+
+    def epoch(self, epoch: int) -> bool:
+        """Trains, validates and saves ``epoch`` (0-based); returns whether the time budget stopped it."""
+        cfg, metrics, t0 = self.cfg, self.metrics, time.perf_counter()
+        if self.curriculum_pending and epoch >= 1:
+            estimated = min(self.epochs, int(cfg.time_budget_s / max(metrics["history"][0]["seconds"], 1e-9)))
+            self.curriculum = self.train_args["size_curriculum_epochs"] = auto_curriculum_epochs(estimated)
+            self.curriculum_pending = False
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout-like randomness inside the model
+        # separate streams: a loader with workers draws its order ahead of the steps' shifts
+        gen = torch.Generator().manual_seed(cfg.seed * 100_019 + epoch)
+        order = torch.Generator().manual_seed(cfg.seed * 100_043 + epoch)
+        self.base.set_epoch(epoch)  # fresh digits-ms renders; a no-op for other sources
+        if self.curriculum:
+            self.base.set_size_floor(size_floor(epoch, self.curriculum))
+        loss_sum, correct, seen, stopped = self._steps(epoch, gen, order)
+        t_val = time.perf_counter()
+        val = evaluate(self.model, self.sets["val"], device=self.dev, desc=f"epoch {epoch + 1}/{self.epochs} val",
+                       progress=cfg.progress, summary=False)
+        seconds = time.perf_counter() - t0
+        metrics["train_seconds"] = self.clock.spent()
+        metrics["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                                   "train_acc": correct / max(seen, 1), "val_loss": val["loss"],
+                                   "val_acc": val["acc"], "lr": self.opt.param_groups[0]["lr"], "seconds": seconds,
+                                   "train_images": seen})
+        if stopped:
+            metrics["stopped_by_time_budget"] = True
+        improved = val["acc"] > metrics["best_val_acc"]
+        if improved:
+            metrics["best_epoch"], metrics["best_val_acc"] = epoch + 1, val["acc"]
+            save_checkpoint(self.checkpoint(epoch + 1, with_state=False), self.paths["best"])
+        save_checkpoint(self.checkpoint(epoch + 1, with_state=True), self.paths["last"])
+        write_json(self.paths["metrics"], metrics, fsync=True)
+        self.clock.reserve = time.perf_counter() - t_val
+        metrics["train_seconds"] = self.clock.spent()
+        if cfg.progress:
+            write_line(f"epoch {epoch + 1}/{self.epochs}: train loss {loss_sum / max(seen, 1):.4f} "
+                       f"acc {correct / max(seen, 1):.4f} | val acc {val['acc']:.4f}"
+                       f"{' (best)' if improved else ''} | {seconds:.1f}s")
+        return stopped
+
+    def _steps(self, epoch: int, gen: torch.Generator, order: torch.Generator) -> Tuple[float, int, int, bool]:
+        """The epoch's optimizer steps: (loss sum, correct, images seen, stopped by the budget)."""
+        cfg, model, (h, w) = self.cfg, self.model, (self.h, self.w)
+        train_set = self.sets["train"]
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
+                            num_workers=self.workers, drop_last=len(train_set) > cfg.batch_size)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        max_shift = max(1, min(h, w) // 16) if cfg.augment else 0
+        model.train()
+        res = train_resolution(max(epoch / self.epochs, self.clock.fraction()), self.resize_steps, (h, w))
+        loss_sum, correct, seen, stopped = 0.0, 0, 0, False
+        bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{self.epochs} train", leave=False, enabled=cfg.progress,
+                         summary=False)  # the epoch line says it
+        for batch in bar:
+            if self.clock.stop_before_step(seen):
+                stopped = True
+                break
+            t_step = time.perf_counter()
+            x = _shift(batch["image"], max_shift, gen).to(self.dev)
+            if res != (h, w):
+                x = F.interpolate(x, size=res, mode="bilinear", antialias=True, align_corners=False)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["label"].to(self.dev)
+            logits = model(x)
+            loss = criterion(logits, y)
+            if not torch.isfinite(loss):
+                raise ErfLabError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); "
+                                  "lower the learning rate (lr, --lr)")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            self.clock.step_s = time.perf_counter() - t_step
+        bar.close()
+        return loss_sum, correct, seen, stopped
+
+    def test(self) -> Dict[str, Any]:
+        """Tests the best epoch and records it in the best checkpoint, the metrics JSON and the metrics."""
+        best = torch.load(self.paths["best"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(best["state_dict"])
+        test = evaluate(self.model, self.sets["test"], device=self.dev, desc="test", progress=self.cfg.progress)
+        self.metrics.update(test_acc=test["acc"], test_loss=test["loss"], test_acc_per_size_bin=test["acc_per_size_bin"])
+        best["metrics"] = json.loads(dumps(self.metrics))
+        save_checkpoint(best, self.paths["best"])
+        write_json(self.paths["metrics"], self.metrics, fsync=True)
+        return self.metrics
+
+
+def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: int = 10,
+          out_path: PathLike = "checkpoint.pt", *, config: Optional[TrainConfig] = None, **options: Any) -> Dict[str, Any]:
+    """Train ``arch`` with operator ``op`` on ``data_spec``; write checkpoints; return the metrics.
+
+    Args:
+        arch: a ``dk_ops.models`` name (``study_net``, ``mobilenet_v2``, ``resnet50_dw``).
+        op: ``conv``, ``dcn``, ``condconv``, ``dk_global``, ``dk`` or ``dk_dcn``.
+        data_spec: any ``--data`` spec with labels (see :func:`erf_lab.data.open_data`).
+        epochs: total epochs (with ``resume``, the run continues up to this many); with
+            ``time_budget_s``, the most epochs.
+        out_path: the best checkpoint; ``.last.pt`` and ``.metrics.json`` go beside it.
+        config, options: a :class:`TrainConfig`, and/or its fields as keywords (``seed=1``,
+            ``lr=3e-3``...), which override the config's.
 
     Returns:
         the metrics dict (also in the checkpoint and ``OUT.metrics.json``): per-epoch
         ``history``, ``best_epoch``, ``best_val_acc``, ``test_acc``, ``test_acc_per_size_bin``,
         ``train_seconds`` (wall time of training, validation and checkpoint writes, excluding
-        the final test),
-        ``params`` and ``macs``.
+        the final test), ``params`` and ``macs``.
     """
     from dk_ops import models
 
@@ -358,200 +638,20 @@ def train(
         raise ErfLabError(f"unknown arch {arch!r}; choose one of {', '.join(models.names())}")
     if epochs < 1:
         raise ErfLabError(f"epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ErfLabError(f"batch size must be >= 1, got {batch_size}")
-    if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
-        raise ErfLabError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
-    if size_curriculum_epochs != "auto" and (isinstance(size_curriculum_epochs, bool)
-                                             or not isinstance(size_curriculum_epochs, int) or size_curriculum_epochs < 0):
-        raise ErfLabError(f"size_curriculum_epochs must be an integer >= 0 or 'auto', got {size_curriculum_epochs!r}")
-    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
-        raise ErfLabError(f"time budget must be a positive number of seconds, got {time_budget_s!r}")
-    if offset_lr_mult != "auto" and (isinstance(offset_lr_mult, (str, bool)) or not offset_lr_mult >= 0):
-        raise ErfLabError(f"offset_lr_mult must be a number >= 0 or 'auto', got {offset_lr_mult!r}")
-    optimizer = optimizer.lower()
-    if optimizer not in ("adamw", "sgd"):
-        raise ErfLabError(f"optimizer must be adamw or sgd, got {optimizer!r}")
-    dev = _resolve_device(device)
+    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    _resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
     paths = companion_paths(out_path)
-    for p in paths.values():  # before any work: an unwritable --out fails now, not after training
+    for p in paths.values():  # before any work: an unwritable output fails now, not after training
         check_output_file(p)
-    state = _load_resume(paths) if resume else None
+    state = _load_resume(paths) if cfg.resume else None
     if state is not None and (state["arch"], state["arch_kwargs"].get("op"), state["data_spec"]) != (arch, op, data_spec):
         raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "
-                          f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another --out")
-
-    base, sets = training_splits(data_spec, image_size, channels, seed, max_train_images, max_eval_images, skip_bad)
-    if num_workers == "auto":
-        num_workers = 0
-    h, w = base.image_size
-    torch.manual_seed(seed)
-    kwargs = dict(arch_kwargs or {})
-    if channels != 3:
-        kwargs.setdefault("in_chans", channels)
-    model = models.create(arch, op=op, num_classes=base.num_classes, **kwargs)
-    full_kwargs = dict(getattr(model, "arch_kwargs", dict(op=op, num_classes=base.num_classes, **kwargs)))
-    can_curriculum = hasattr(base, "set_size_floor") and getattr(base, "renders_on_the_fly", False)
-    curriculum_pending = False  # "auto" under a time budget: sized once the first epoch is timed
-    if size_curriculum_epochs == "auto":
-        wants = can_curriculum and getattr(model, "prefers_size_curriculum", False)
-        curriculum_pending = wants and time_budget_s is not None
-        size_curriculum_epochs = auto_curriculum_epochs(epochs) if wants and not curriculum_pending else 0
-    if size_curriculum_epochs and not can_curriculum:
-        raise ErfLabError(f"a size curriculum needs fresh digits-ms renders (digits-ms with fresh=1), not {data_spec!r}")
-    resize_steps = resize_schedule(progressive_resize, model)
-    cx = models.complexity(model, input_size=(channels, h, w))
-    model.to(dev)
-    channels_last = resolve_channels_last(channels_last, model, dev)
-    if channels_last:
-        to_channels_last(model)
-
-    peak_lr = lr if lr is not None else (6e-3 if optimizer == "adamw" else 0.1)
-    wd = weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4)
-    mults = dict(OFFSET_LR_MULT) if offset_lr_mult == "auto" else dict.fromkeys(OFFSET_LR_MULT, float(offset_lr_mult))
-    groups = []
-    for kind in (None, "kernel", "sampling"):
-        for decays in (True, False):
-            params = [p for n, p in model.named_parameters() if _offset_kind(n) == kind and (p.ndim > 1) == decays]
-            if params:
-                groups.append({"params": params, "weight_decay": wd if decays else 0.0,
-                               "lr": peak_lr * (1.0 if kind is None else mults[kind])})
-    opt = (torch.optim.AdamW(groups, lr=peak_lr, fused=True) if optimizer == "adamw"
-           else torch.optim.SGD(groups, lr=peak_lr, momentum=0.9, nesterov=True))
-    steps_per_epoch = math.ceil(len(sets["train"]) / batch_size)
-    clock = {"start": time.perf_counter()}  # spent() = metrics["train_seconds"] + time since the (re)start
-
-    def spent() -> float:
-        return time.perf_counter() - clock["start"]
-
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(int(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch,
-                        None if time_budget_s is None else lambda: spent() / time_budget_s))
-
-    train_args = dict(optimizer=optimizer, lr=peak_lr, weight_decay=wd, batch_size=batch_size, epochs=epochs,
-                      warmup_epochs=warmup_epochs, offset_lr_mult=mults, label_smoothing=label_smoothing,
-                      augment=augment, size_curriculum_epochs=size_curriculum_epochs, time_budget_s=time_budget_s,
-                      progressive_resize=[list(step) for step in resize_steps],
-                      channels_last=bool(channels_last), seed=seed,
-                      max_train_images=max_train_images, max_eval_images=max_eval_images, device=str(dev))
-    metrics: Dict[str, Any] = {"history": [], "best_epoch": 0, "best_val_acc": -1.0, "train_seconds": 0.0,
-                               "params": int(cx["params"]), "macs": int(cx["macs"]),
-                               "num_train": len(sets["train"]), "num_val": len(sets["val"]), "num_test": len(sets["test"])}
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        metrics = state["metrics"]
-        start_epoch = int(state["epoch"])
-        if curriculum_pending and start_epoch >= 1:
-            size_curriculum_epochs = int(state["train_args"].get("size_curriculum_epochs") or 0)
-            curriculum_pending = False
-            train_args["size_curriculum_epochs"] = size_curriculum_epochs
-    clock["start"] = time.perf_counter() - metrics["train_seconds"]
-    reserve = 0.0  # the last epoch's validation and checkpoint time, kept back under a time budget
-    step_s = 0.0  # the last training step's time, likewise
-
-    def checkpoint(epoch: int, with_state: bool) -> Dict[str, Any]:
-        ckpt: Dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch, "arch_kwargs": full_kwargs,
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-            "data_spec": data_spec, "class_names": list(base.class_names),
-            "size_bin_edges": None if base.size_bin_edges is None else list(base.size_bin_edges),
-            "normalization": {"mean": list(base.mean), "std": list(base.std)},
-            "input_size": [channels, h, w], "metrics": json.loads(dumps(metrics)), "epoch": epoch,
-            "versions": versions(), "train_args": dict(train_args),
-        }
-        if with_state:
-            ckpt["optimizer"] = opt.state_dict()
-            ckpt["scheduler"] = sched.state_dict()
-            ckpt["rng"] = {"torch": torch.get_rng_state(), "seed": seed, "epoch": epoch}
-        return ckpt
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    max_shift = max(1, min(h, w) // 16) if augment else 0
-    for epoch in range(start_epoch, epochs):
-        if time_budget_s is not None and metrics["history"] and spent() + 1.25 * reserve >= time_budget_s:
-            metrics["stopped_by_time_budget"] = True
+                          f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another output file")
+    run = _Run(arch, op, data_spec, epochs, cfg, paths, state)
+    for epoch in range(run.start_epoch, epochs):
+        if run.clock.stop_before_epoch(len(run.metrics["history"])):
+            run.metrics["stopped_by_time_budget"] = True
             break
-        t0 = time.perf_counter()
-        if curriculum_pending and epoch >= 1:
-            estimated = min(epochs, int(time_budget_s / max(metrics["history"][0]["seconds"], 1e-9)))
-            size_curriculum_epochs = train_args["size_curriculum_epochs"] = auto_curriculum_epochs(estimated)
-            curriculum_pending = False
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout-like randomness inside the model
-        # separate streams: a loader with workers draws its order ahead of the steps' shifts
-        gen = torch.Generator().manual_seed(seed * 100_019 + epoch)
-        order = torch.Generator().manual_seed(seed * 100_043 + epoch)
-        if hasattr(base, "set_epoch"):
-            base.set_epoch(epoch)  # fresh digits-ms renders; a no-op for other sources
-        if size_curriculum_epochs:
-            base.set_size_floor(size_floor(epoch, size_curriculum_epochs))
-        loader = DataLoader(sets["train"], batch_size=batch_size, shuffle=True, generator=order,
-                            num_workers=num_workers, drop_last=len(sets["train"]) > batch_size)
-        model.train()
-        done = max(epoch / epochs, 0.0 if time_budget_s is None else spent() / time_budget_s)
-        res = train_resolution(done, resize_steps, (h, w))
-        loss_sum, correct, seen, stopped = 0.0, 0, 0, False
-        bar = loader_bar(loader, desc=f"epoch {epoch + 1}/{epochs} train", leave=False, enabled=progress,
-                         summary=False)  # the epoch line below says it
-        for batch in bar:
-            if time_budget_s is not None and seen and spent() + 1.25 * reserve + 2 * step_s >= time_budget_s:
-                stopped = True
-                break
-            t_step = time.perf_counter()
-            x = _shift(batch["image"], max_shift, gen).to(dev)
-            if res != (h, w):
-                x = F.interpolate(x, size=res, mode="bilinear", antialias=True, align_corners=False)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(dev)
-            logits = model(x)
-            loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                raise ErfLabError(f"training diverged at epoch {epoch + 1} (loss {float(loss)}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            step_s = time.perf_counter() - t_step
-        bar.close()
-        t_val = time.perf_counter()
-        val = evaluate(model, sets["val"], device=dev, desc=f"epoch {epoch + 1}/{epochs} val", progress=progress,
-                       summary=False)
-        seconds = time.perf_counter() - t0
-        metrics["train_seconds"] = spent()
-        metrics["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                                   "train_acc": correct / max(seen, 1), "val_loss": val["loss"],
-                                   "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-                                   "train_images": seen})
-        if stopped:
-            metrics["stopped_by_time_budget"] = True
-        improved = val["acc"] > metrics["best_val_acc"]
-        if improved:
-            metrics["best_epoch"], metrics["best_val_acc"] = epoch + 1, val["acc"]
-            save_checkpoint(checkpoint(epoch + 1, with_state=False), paths["best"])
-        save_checkpoint(checkpoint(epoch + 1, with_state=True), paths["last"])
-        write_json(paths["metrics"], metrics, fsync=True)
-        reserve = time.perf_counter() - t_val
-        metrics["train_seconds"] = spent()
-        if progress:
-            write_line(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.4f} "
-                       f"acc {correct / max(seen, 1):.4f} | val acc {val['acc']:.4f}"
-                       f"{' (best)' if improved else ''} | {seconds:.1f}s")
-        if stopped:
+        if run.epoch(epoch):
             break
-
-    # test the best epoch, record it in the best checkpoint, the metrics JSON and the return value
-    best = torch.load(paths["best"], map_location="cpu", weights_only=True)
-    model.load_state_dict(best["state_dict"])
-    test = evaluate(model, sets["test"], device=dev, desc="test", progress=progress)
-    metrics.update(test_acc=test["acc"], test_loss=test["loss"], test_acc_per_size_bin=test["acc_per_size_bin"])
-    best["metrics"] = json.loads(dumps(metrics))
-    save_checkpoint(best, paths["best"])
-    write_json(paths["metrics"], metrics, fsync=True)
-    return metrics
+    return run.test()

@@ -16,7 +16,6 @@ LONG_FUNCTIONS: Dict[str, int] = {
     "dk_ops/functional.py::deform_kernel_conv2d": 165,
     "dk_ops/triton/kernels.py::image_side_kernel": 107,
     "dk_ops/triton/gpu_check.py::main": 191,
-    "erf_lab/train.py::train": 306,
     "analyses/tsne.py::run_tsne": 162,
     "analyses/features.py::extract_features": 135,
     "figures/accuracy.py::accuracy_table": 115,

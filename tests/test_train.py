@@ -120,7 +120,7 @@ def test_size_curriculum_schedule_and_errors(tmp_path):
     assert _state(tmp_path / "c.pt")["train_args"]["size_curriculum_epochs"] == 3
     train("study_net", "conv", DATA, 12, tmp_path / "f.pt", **dict(QUICK, max_train_images=16, max_eval_images=8))
     assert _state(tmp_path / "f.pt")["train_args"]["size_curriculum_epochs"] == 0  # auto: only for nets that ask
-    assert models.create("mobilenet_v2", num_classes=10).prefers_size_curriculum
+    assert models.train_hints("mobilenet_v2")["size_curriculum"]
     assert len(m["history"]) == 2
     with pytest.raises(ErfLabError, match="fresh digits-ms"):
         train("study_net", "conv", DATA + ",fresh=0", 1, tmp_path / "d.pt", size_curriculum_epochs=2, **QUICK)
@@ -291,8 +291,8 @@ def test_resize_schedule_and_training_resolution():
     """Parsing and the step function, checked against the documented schedule by hand."""
     steps = erf_train.resize_schedule("0.3:0.5,0.6:0.75")
     assert steps == ((0.3, 0.5), (0.6, 0.75)) == erf_train.resize_schedule([[0.3, 0.5], [0.6, 0.75]])
-    assert erf_train.resize_schedule("auto", models.create("study_net", num_classes=10)) == erf_train.PROGRESSIVE_RESIZE
-    assert erf_train.resize_schedule("auto", models.create("mobilenet_v2", num_classes=10)) == ()
+    assert erf_train.resize_schedule("auto", "study_net") == erf_train.PROGRESSIVE_RESIZE
+    assert erf_train.resize_schedule("auto", "mobilenet_v2") == ()
     assert erf_train.resize_schedule("off") == erf_train.resize_schedule(None) == ()
     for bad in ("0.6:0.5,0.3:0.75", "0.3:0.5,0.3:0.75", "1.5:0.5", "0.5:0", "0.5", "x:y", [[0.5]]):
         with pytest.raises(ErfLabError, match="progressive resize"):

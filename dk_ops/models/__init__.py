@@ -8,6 +8,6 @@
 from . import mobilenetv2, resnet, study  # noqa: F401  (registration)
 from ._complexity import complexity
 from ._layers import OPS, make_conv
-from ._registry import create, names, register_model
+from ._registry import TRAIN_HINTS, create, names, register_model, train_hints
 
-__all__ = ["create", "names", "register_model", "complexity", "make_conv", "OPS"]
+__all__ = ["create", "names", "register_model", "train_hints", "TRAIN_HINTS", "complexity", "make_conv", "OPS"]

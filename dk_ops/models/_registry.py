@@ -1,19 +1,42 @@
 """Model registry: find architectures by name (timm's ``create_model`` habit)."""
 import fnmatch
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch.nn as nn
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
+_TRAIN_HINTS: Dict[str, Dict[str, bool]] = {}
+
+# What an architecture asks of the trainer where its settings say "auto" (erf_lab.train):
+# progressive_resize -- train on downscaled images early in the run (the study nets);
+# size_curriculum -- start with large objects on data that renders per epoch (MobileNetV2).
+TRAIN_HINTS = ("progressive_resize", "size_curriculum")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a model constructor under its function name."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is already registered")
-    _MODELS[name] = fn
-    return fn
+def register_model(fn: Optional[Callable[..., nn.Module]] = None, *,
+                   train_hints: Optional[Mapping[str, bool]] = None) -> Any:
+    """Decorator: register a model constructor under its function name, with the
+    :data:`TRAIN_HINTS` it declares (as timm's ``default_cfgs`` declare a model's defaults).
+    ``@register_model`` and ``@register_model(train_hints={...})`` both work."""
+    hints = dict(train_hints or {})
+    unknown = sorted(set(hints) - set(TRAIN_HINTS))
+    if unknown:
+        raise ValueError(f"unknown train hint(s) {unknown}; known: {', '.join(TRAIN_HINTS)}")
+
+    def register(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = f.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = f
+        _TRAIN_HINTS[name] = {h: bool(hints.get(h, False)) for h in TRAIN_HINTS}
+        return f
+
+    return register(fn) if fn is not None else register
+
+
+def train_hints(name: str) -> Dict[str, bool]:
+    """The :data:`TRAIN_HINTS` registered for ``name`` (all False for an unknown name)."""
+    return dict(_TRAIN_HINTS.get(name, dict.fromkeys(TRAIN_HINTS, False)))
 
 
 def names(pattern: Optional[str] = None) -> List[str]:

@@ -61,10 +61,6 @@ class MobileNetV2(nn.Module):
     benchmark's 10-minute run (docs/experiments.md).
     """
 
-    # erf_lab.train's size curriculum by default (large objects first): trained from scratch on
-    # digits-ms without it, this net stayed at chance loss for 6-33 epochs.
-    prefers_size_curriculum = True
-
     # expansion t, channels c, repeats n, first stride s
     SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
@@ -114,7 +110,9 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(self.forward_features(x)).flatten(1))
 
 
-@register_model
+# erf_lab.train's size curriculum by default (large objects first): trained from scratch on
+# digits-ms without it, this net stayed at chance loss for 6-33 epochs.
+@register_model(train_hints={"size_curriculum": True})
 def mobilenet_v2(op: str = "conv", num_classes: int = 1000, **kwargs) -> MobileNetV2:
     """MobileNetV2 (``width_mult``, ``stem_stride``, ``in_chans``, ``dropout``, ``zero_init_last``;
     input size free)."""

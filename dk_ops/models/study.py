@@ -46,10 +46,6 @@ class StudyNet(nn.Module):
     ``op_from_stage=0`` puts the op everywhere.
     """
 
-    # erf_lab.train's progressive resizing by default (small images early in the run): fully
-    # convolutional with global pooling, so any input size works; more epochs fit in a budget.
-    prefers_progressive_resize = True
-
     def __init__(
         self,
         op: str = "conv",
@@ -93,7 +89,9 @@ class StudyNet(nn.Module):
         return self.fc(self.pool(self.forward_features(x)).flatten(1))
 
 
-@register_model
+# erf_lab.train's progressive resizing by default (small images early in the run): fully
+# convolutional with global pooling, so any input size works; more epochs fit in a budget.
+@register_model(train_hints={"progressive_resize": True})
 def study_net(op: str = "conv", num_classes: int = 10, **kwargs) -> StudyNet:
     """The small study net (``widths``, ``depth``, ``expand``, ``in_chans``, ``stem_stride``,
     ``op_from_stage``)."""

@@ -124,6 +124,20 @@ class SampleDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    # ---- training hooks (erf_lab.train calls them on every training set) -------------------
+    @property
+    def renders_on_the_fly(self) -> bool:
+        """Whether training items are rendered anew per epoch (:meth:`set_size_floor` needs it)."""
+        return False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch; a set whose items never change ignores it."""
+
+    def set_size_floor(self, fraction: float) -> None:
+        """Restrict the object sizes of items rendered from now on to ``fraction`` x side and more
+        (the training's size curriculum); only sets that render on the fly can."""
+        raise ErfLabError(f"data {self.spec!r} does not render its items per epoch, so it has no size curriculum")
+
     def __len__(self) -> int:
         return len(self._indices)
 
