@@ -1,14 +1,15 @@
 """The ``erf-lab`` command line: parses arguments, calls one library function per
 subcommand, prints. No logic of its own (docs/design.md section 1).
 
-Every user error (an :class:`erf_lab.errors.ErfLabError` or a ``ValueError`` from
-argument validation) becomes one line on stderr and exit code 2; ``--debug``
-shows the traceback instead.
+Every user error (an :class:`erf_lab.errors.ErfLabError`, or a bad flag value, which argparse
+reports) becomes one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+Any other exception is a bug: Python prints its traceback and the exit code is 1. Flag values are
+parsed here (sizes, units, lists); the library takes typed arguments and owns the defaults.
 """
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 EXIT_USAGE = 2
 
@@ -70,6 +71,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> Tuple[int, int]:
+    """An argparse type: ``N`` or ``N,M`` (also ``NxM``) -> (H, W), positive integers."""
+    try:
+        parts = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or N,M (positive integers), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _units(text: str) -> Union[str, Tuple[int, int], List[Tuple[int, int]]]:
+    """An argparse type: ``center``, ``Y,X`` or several ``Y,X;Y,X`` (negative counts from the end)."""
+    if text == "center":
+        return text
+    try:
+        units = [tuple(int(v) for v in part.split(",")) for part in text.split(";")]
+    except ValueError:
+        units = []
+    if not units or any(len(u) != 2 for u in units):
+        raise argparse.ArgumentTypeError(f"expected center or Y,X[;Y,X...] (integers), got {text!r}")
+    return units[0] if len(units) == 1 else units  # type: ignore[return-value]
+
+
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers erf, rf and layers (erf_lab.jobs does the work)."""
 
@@ -77,16 +102,18 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
         p.add_argument("--model", required=required, metavar="PATH",
                        help="checkpoint: erf-lab checkpoint, state_dict (with --arch), TorchScript or .pt2")
         p.add_argument("--arch", metavar="NAME", help="architecture: zoo name, torchvision:NAME or timm:NAME")
-        p.add_argument("--image-size", metavar="N[,M]", help="input size (default: the checkpoint's, else 224)")
+        p.add_argument("--image-size", type=_size, metavar="N[,M]", help="input size (default: the checkpoint's, else 224)")
         p.add_argument("--trust-checkpoint", action="store_true",
                        help="allow full unpickling: runs code stored in the file; only for files you trust")
 
     p = sub.add_parser("erf", help="effective receptive field of a unit of a layer, over images")
     model_flags(p, required=True)
     p.add_argument("--layer", help="module name (see `erf-lab layers`); default: the last spatial layer, marked * by `erf-lab layers`")
-    p.add_argument("--unit", default="center",
+    p.add_argument("--unit", type=_units, default="center",
                    help="center (RF centred nearest the image centre) or Y,X[;Y,X...]; negative counts from the end")
-    p.add_argument("--preset", default="replknet", choices=["replknet", "luo", "openerf"])
+    from erf_lab.erf.options import BACKENDS, CENTER_MODES, LAYOUTS, OPTION_CHOICES, PRESETS
+
+    p.add_argument("--preset", default="replknet", choices=list(PRESETS))
     p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: embedded digits-ms)")
     p.add_argument("--image", metavar="PATH", help="instance ERF of one image, with an overlay")
     p.add_argument("--num-images", type=int, default=50)
@@ -96,98 +123,101 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/erf", metavar="DIR", help="writes DIR/erf.npz, erf.json, erf.png")
-    p.add_argument("--center", default="rf", choices=["rf", "array"],
+    p.add_argument("--center", default="rf", choices=list(CENTER_MODES),
                    help="centre metrics on the unit's RF centre, or on the array centre (RepLKNet parity)")
     p.add_argument("--no-crop", action="store_true", help="always compute on the full image")
-    p.add_argument("--backend", default="engine", choices=["engine", "captum"])
+    p.add_argument("--backend", default="engine", choices=list(BACKENDS))
     p.add_argument("--output-index", help="element (index or key) of a tuple/dict layer output")
-    p.add_argument("--layout", default="auto", choices=["auto", "nchw", "nhwc", "tokens"])
+    p.add_argument("--layout", default="auto", choices=list(LAYOUTS))
     p.add_argument("--prefix-tokens", type=int, help="class/register tokens before the token grid")
-    for flag, choices in (("--target-rectify", ["relu", "none"]), ("--target-reduction", ["sum", "mean"]),
-                          ("--grad-rectify", ["relu", "abs", "square", "none"]),
-                          ("--color-reduction", ["sum", "mean"]), ("--map-rectify", ["clamp", "none"]),
-                          ("--normalize", ["log_max", "max", "sum", "none"])):
-        p.add_argument(flag, choices=choices, help="override the preset's choice")
+    for name, values in OPTION_CHOICES.items():  # one flag per ERFOptions field; "none" is None
+        p.add_argument("--" + name.replace("_", "-"), choices=["none" if v is None else v for v in values],
+                       help="override the preset's choice")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true")
 
-    def cmd_erf(args: argparse.Namespace) -> int:
-        from erf_lab.jobs import run_erf
-
-        opts = {}
-        for name in ("target_rectify", "target_reduction", "grad_rectify", "color_reduction", "map_rectify", "normalize"):
-            v = getattr(args, name)
-            if v is not None:
-                opts[name] = None if v == "none" else v
-        index = args.output_index
-        if index is not None and index.lstrip("-").isdigit():
-            index = int(index)
-        result = run_erf(
-            args.model, arch=args.arch, trust=args.trust_checkpoint, layer=args.layer, unit=args.unit,
-            preset=args.preset, data=args.data, image=args.image, num_images=args.num_images,
-            image_size=args.image_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
-            out=args.out, progress=not args.no_progress, sampling=args.sampling, center=args.center,
-            crop=not args.no_crop, backend=args.backend, output_index=index, layout=args.layout,
-            prefix_tokens=args.prefix_tokens, skip_bad=args.skip_bad, **opts,
-        )
-        from erf_lab import distributed
-
-        if distributed.is_main():
-            results = result if isinstance(result, list) else [result]
-            r0 = results[0]
-            asked, held = r0.meta.get("num_images_requested"), r0.meta.get("num_images_available")
-            if asked is not None and held is not None and asked > held:
-                print(f"note: {asked} images asked for, the data holds {held}: used all {held}")
-            if r0.n_skipped:
-                print(f"note: {r0.n_skipped} of {r0.n_images + r0.n_skipped} images gave a non-finite map and were "
-                      f"left out of the mean")
-            for r in results:
-                m = r.metrics()
-                print(f"unit {tuple(r.meta['unit'])} of {r.meta['layer'] or 'output'}: n_images={r.n_images} "
-                      f"skipped={r.n_skipped} rf_center={tuple(round(v, 1) for v in r.meta['rf_center'])} "
-                      f"luo_size={m['luo_size']:.1f} sigma_y={m['sigma_y']:.2f} sigma_x={m['sigma_x']:.2f} "
-                      f"area_ratio@0.2={m['area_ratio_replknet@0.2']:.4f}")
-            print(f"wrote {args.out}")
-        return 0
-
-    handlers["erf"] = cmd_erf
+    handlers["erf"] = _cmd_erf
 
     p = sub.add_parser("rf", help="theoretical receptive field of every layer (printed, and CSV)")
     model_flags(p, required=False)
     p.add_argument("--out", default="results/rf", metavar="DIR", help="writes DIR/rf.csv")
 
-    def cmd_rf(args: argparse.Namespace) -> int:
-        import pandas as pd
-
-        from erf_lab.io import write_csv
-        from erf_lab.jobs import input_size_for, model_for, output_folder, parse_size, rf_table
-
-        with output_folder(args.out):
-            lm = model_for(args.model, args.arch, args.trust_checkpoint)
-            df = rf_table(lm.model, input_size_for(lm, parse_size(args.image_size)))
-            path = write_csv(f"{args.out}/rf.csv", df, float_format=None)
-        with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
-            print(df.drop(columns=["notes"]).to_string(index=False))
-        print(f"wrote {path}")
-        return 0
-
-    handlers["rf"] = cmd_rf
+    handlers["rf"] = _cmd_rf
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes and RF size")
     model_flags(p, required=False)
 
-    def cmd_layers(args: argparse.Namespace) -> int:
-        import pandas as pd
+    handlers["layers"] = _cmd_layers
 
-        from erf_lab.jobs import input_size_for, layers_table, model_for, parse_size
 
+def _cmd_erf(args: argparse.Namespace) -> int:
+    from erf_lab.jobs import run_erf
+
+    from erf_lab.erf.options import OPTION_NAMES
+
+    opts = {}
+    for name in OPTION_NAMES:
+        v = getattr(args, name)
+        if v is not None:
+            opts[name] = None if v == "none" else v
+    index = args.output_index
+    if index is not None and index.lstrip("-").isdigit():
+        index = int(index)
+    result = run_erf(
+        args.model, arch=args.arch, trust=args.trust_checkpoint, layer=args.layer, unit=args.unit,
+        preset=args.preset, data=args.data, image=args.image, num_images=args.num_images,
+        image_size=args.image_size, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        out=args.out, progress=not args.no_progress, sampling=args.sampling, center=args.center,
+        crop=not args.no_crop, backend=args.backend, output_index=index, layout=args.layout,
+        prefix_tokens=args.prefix_tokens, skip_bad=args.skip_bad, **opts,
+    )
+    from erf_lab import distributed
+
+    if distributed.is_main():
+        results = result if isinstance(result, list) else [result]
+        r0 = results[0]
+        asked, held = r0.meta.get("num_images_requested"), r0.meta.get("num_images_available")
+        if asked is not None and held is not None and asked > held:
+            print(f"note: {asked} images asked for, the data holds {held}: used all {held}")
+        if r0.n_skipped:
+            print(f"note: {r0.n_skipped} of {r0.n_images + r0.n_skipped} images gave a non-finite map and were "
+                  f"left out of the mean")
+        for r in results:
+            m = r.metrics()
+            print(f"unit {tuple(r.meta['unit'])} of {r.meta['layer'] or 'output'}: n_images={r.n_images} "
+                  f"skipped={r.n_skipped} rf_center={tuple(round(v, 1) for v in r.meta['rf_center'])} "
+                  f"luo_size={m['luo_size']:.1f} sigma_y={m['sigma_y']:.2f} sigma_x={m['sigma_x']:.2f} "
+                  f"area_ratio@0.2={m['area_ratio_replknet@0.2']:.4f}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_rf(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from erf_lab.io import write_csv
+    from erf_lab.jobs import input_size_for, model_for, output_folder, rf_table
+
+    with output_folder(args.out):
         lm = model_for(args.model, args.arch, args.trust_checkpoint)
-        df = layers_table(lm.model, input_size_for(lm, parse_size(args.image_size)))
-        with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(df.to_string(index=False))
-        return 0
+        df = rf_table(lm.model, input_size_for(lm, args.image_size))
+        path = write_csv(f"{args.out}/rf.csv", df, float_format=None)
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(df.drop(columns=["notes"]).to_string(index=False))
+    print(f"wrote {path}")
+    return 0
 
-    handlers["layers"] = cmd_layers
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from erf_lab.jobs import input_size_for, layers_table, model_for
+
+    lm = model_for(args.model, args.arch, args.trust_checkpoint)
+    df = layers_table(lm.model, input_size_for(lm, args.image_size))
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(df.to_string(index=False))
+    return 0
 
 
 # ---- section: train (erf_lab data and training) ---------------------------------------------
@@ -199,7 +229,9 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
                     "loadable by `erf-lab erf --model OUT`), OUT.last.pt (for --resume) and OUT.metrics.json.",
     )
     p.add_argument("--arch", default="study_net", help="zoo model (see `erf-lab models`; default: study_net)")
-    p.add_argument("--op", default="conv", choices=["conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn"])
+    from dk_ops.models import OPS
+
+    p.add_argument("--op", default="conv", choices=list(OPS))
     p.add_argument("--data", default="digits-ms", metavar="SPEC",
                    help="digits-ms[:OPTIONS], DIR, coco:ANN.json:IMGDIR (needs labels; default: digits-ms)")
     p.add_argument("--epochs", type=int, help="epochs to train (default 10; with --time-budget, a cap: default 1000)")
@@ -242,9 +274,8 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
         kwargs = {} if args.width_mult is None else {"width_mult": args.width_mult}
         if args.offset_clip is not None:
             kwargs["offset_clip"] = args.offset_clip
-        epochs = args.epochs if args.epochs is not None else (10 if args.time_budget is None else 1000)
         m = train(
-            args.arch, args.op, args.data, epochs, args.out, seed=args.seed, device=args.device,
+            args.arch, args.op, args.data, args.epochs, args.out, seed=args.seed, device=args.device,
             time_budget_s=args.time_budget, progressive_resize=args.progressive_resize,
             resume=args.resume, lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers,
             offset_lr_mult=args.offset_lr_mult, optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
@@ -275,7 +306,7 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
                    help="module to read (once for all models, or once per --model); default: the last conv stage")
     p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: the checkpoint's, else digits-ms)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--image-size", metavar="N[,M]", help="input size (default: the checkpoint's, else the data's)")
+    p.add_argument("--image-size", type=_size, metavar="N[,M]", help="input size (default: the checkpoint's, else the data's)")
     p.add_argument("--pooling", default="gap", choices=["gap", "box"],
                    help="global average pool, or bilinear mean inside each object's box")
     p.add_argument("--max-samples", type=int, metavar="N", help="stratified subsample (class x size bin)")
@@ -458,7 +489,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
     try:
         return args._handlers[args.command](args)
-    except (ErfLabError, ValueError, FileNotFoundError) as exc:
+    except ErfLabError as exc:
         if args.debug:
             raise
         print(f"erf-lab {args.command}: error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from erf_lab.layers import get_layer, run_to_layer, select_output
+from erf_lab.device import resolve_device
 from erf_lab.progress import loader_bar
 from erf_lab.errors import ErfLabError
 from erf_lab.layers import LayerGrid, check_input_size, default_layer, output_module, spatial_grid, static_batch, to_nchw
@@ -355,7 +356,7 @@ def extract_features(
     positions = np.arange(n_total)
     if max_samples is not None:
         positions = stratified_sample(np.stack([labels_all, bins_all], 1), int(max_samples), seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     was_training = net.training
     net.eval().to(device)
 

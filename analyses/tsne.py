@@ -140,10 +140,6 @@ def run_tsne(
             f"--max-samples {max_samples} is too few for t-SNE with perplexity {perplexity:g}: it needs at least "
             f"{min_samples_for(perplexity)} samples (3 x perplexity + 2); lower --perplexity or raise --max-samples"
         )
-    if isinstance(image_size, str):
-        from erf_lab.jobs import parse_size
-
-        image_size = parse_size(image_size)
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     if out is not None:  # before any work: an unwritable --out fails now, not after the t-SNE

@@ -59,7 +59,7 @@ def main() -> int:
     layer = unit = None
     for i in range(args.repeats):
         t0 = time.perf_counter()
-        r = run_erf(str(ckpt), data="noise", num_images=1, image_size=str(args.size), out=str(tmp / f"erf{i}"),
+        r = run_erf(str(ckpt), data="noise", num_images=1, image_size=args.size, out=str(tmp / f"erf{i}"),
                     progress=False, device="cpu", crop=not args.no_crop)
         runs.append(time.perf_counter() - t0)
         passes.append(r.meta["seconds"]["passes"])

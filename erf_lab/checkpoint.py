@@ -226,7 +226,7 @@ def _from_object(obj: Any, arch: Optional[str], arch_kwargs, where: str) -> Load
         meta = {k: v for k, v in obj.items() if k != "state_dict" and "optimizer" not in k and "scheduler" not in k}
         name = arch or obj.get("arch")
         if not isinstance(name, str):
-            raise ErfLabError(f"{where}: checkpoint has no 'arch'; pass --arch NAME")
+            raise ErfLabError(f"{where}: checkpoint has no 'arch'; pass arch (--arch NAME)")
         kw = dict(arch_kwargs) if arch_kwargs is not None else dict(obj.get("arch_kwargs") or {})
         model = build_arch(name, kw)
         _load_state(model, obj["state_dict"], where)
@@ -240,7 +240,7 @@ def _from_object(obj: Any, arch: Optional[str], arch_kwargs, where: str) -> Load
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ErfLabError(f"{where}: a dict that is neither an erf-lab checkpoint nor a state_dict (keys: {_short([str(k) for k in obj])})")
     if arch is None:
-        raise ErfLabError(f"{where} is a plain state_dict: pass --arch NAME (a zoo name, torchvision:NAME or timm:NAME)")
+        raise ErfLabError(f"{where} is a plain state_dict: pass arch (--arch NAME: a zoo name, torchvision:NAME or timm:NAME)")
     model = build_arch(arch, arch_kwargs)
     _load_state(model, state, where)
     return LoadedModel(model.eval(), {"arch": arch, "arch_kwargs": dict(arch_kwargs or {})}, "state_dict", where)

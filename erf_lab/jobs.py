@@ -15,35 +15,9 @@ from . import distributed as _dist
 from .checkpoint import LoadedModel, build_arch, load_model
 from .errors import ErfLabError
 
-__all__ = ["parse_size", "parse_unit", "run_erf", "rf_table", "layers_table", "model_for", "input_size_for", "output_folder"]
+__all__ = ["run_erf", "rf_table", "layers_table", "model_for", "input_size_for", "output_folder"]
 
 DEFAULT_IMAGE_SIZE = 224
-
-
-def parse_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
-    """``"N"`` or ``"N,M"`` -> (H, W)."""
-    if text in (None, ""):
-        return None
-    try:
-        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
-    except ValueError:
-        raise ErfLabError(f"--image-size must be N or N,M (positive integers), got {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise ErfLabError(f"--image-size must be N or N,M (positive integers), got {text!r}")
-    return (parts[0], parts[-1])
-
-
-def parse_unit(text: str) -> Union[str, Tuple[int, int], list]:
-    """``center``, ``Y,X`` or several ``Y,X;Y,X``."""
-    if text == "center":
-        return "center"
-    try:
-        units = [tuple(int(v) for v in part.split(",")) for part in text.split(";")]
-    except ValueError:
-        raise ErfLabError(f"--unit must be center or Y,X (integers), got {text!r}") from None
-    if any(len(u) != 2 for u in units):
-        raise ErfLabError(f"--unit must be center or Y,X (integers), got {text!r}")
-    return units[0] if len(units) == 1 else units
 
 
 def model_for(model_path: Optional[str], arch: Optional[str], trust: bool) -> LoadedModel:
@@ -52,7 +26,8 @@ def model_for(model_path: Optional[str], arch: Optional[str], trust: bool) -> Lo
         return load_model(model_path, arch=arch, trust=trust)
     if arch:
         return LoadedModel(build_arch(arch).eval(), {"arch": arch}, "arch", "")
-    raise ErfLabError("give --model PATH (or --arch NAME for an untrained architecture)")
+    raise ErfLabError("give a model file (model_path, --model PATH) or, for an untrained architecture, "
+                      "its name (arch, --arch NAME)")
 
 
 def input_size_for(lm: LoadedModel, image_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int, int]:
@@ -120,12 +95,12 @@ def run_erf(
     arch: Optional[str] = None,
     trust: bool = False,
     layer: Optional[str] = None,
-    unit: str = "center",
+    unit: Union[str, Sequence[int], Sequence[Sequence[int]]] = "center",
     preset: str = "replknet",
     data: Optional[str] = None,
     image: Optional[str] = None,
     num_images: Optional[int] = None,
-    image_size: Optional[str] = None,
+    image_size: Union[int, Tuple[int, int], None] = None,
     batch_size: Union[int, str] = "auto",
     device: Optional[str] = None,
     seed: int = 0,
@@ -170,20 +145,19 @@ def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, i
              out, progress, skip_bad, options):
     from .erf import check_memory, compute_erf, instance_erf
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ErfLabError(f"--device {device}: CUDA is not available here")
+    from .device import resolve_device
+
+    device = str(resolve_device(device))
     _dist.init_from_env(device)
     if _dist.is_active() and device == "cuda":
         import os
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     lm = load_model(model, arch=arch, trust=trust)
-    size = parse_size(image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else (None if image_size is None else tuple(image_size))
     c, h, w = input_size_for(lm, size)
-    units = parse_unit(unit)
     check_memory(lm.model, (c, h, w), layer, device)  # before any image of that size exists
-    common = dict(layer=layer, unit=units, preset=preset, device=device, seed=seed, **options)
+    common = dict(layer=layer, unit=unit, preset=preset, device=device, seed=seed, **options)
     ds = None
     if image is not None:
         x, display = _load_image(image, (h, w), c, lm.meta)

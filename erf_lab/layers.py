@@ -63,7 +63,7 @@ def select_output(out: Any, index: Index = None) -> Tensor:
     if isinstance(out, (tuple, list)):
         i = 0 if index is None else int(index)
         if not -len(out) <= i < len(out):
-            raise ErfLabError(f"layer output has {len(out)} elements; --output-index {i} is out of range")
+            raise ErfLabError(f"layer output has {len(out)} elements; output_index {i} (--output-index) is out of range")
         return select_output(out[i])
     if isinstance(out, dict):
         if index is None:

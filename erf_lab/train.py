@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .device import resolve_device
 from .errors import ErfLabError
 from .io import atomic_write, check_output_file, dumps, versions, write_json
 from ._layout import resolve_channels_last, to_channels_last
@@ -228,15 +229,6 @@ def _offset_kind(name: str) -> Optional[str]:
     if "kernel_offset_generator" in name:
         return "kernel"
     return "sampling" if "offset_generator" in name else None
-
-
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ErfLabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def _load_resume(paths: Dict[str, Path]) -> Optional[Dict[str, Any]]:
@@ -430,7 +422,7 @@ class _Run:
         from dk_ops import models
 
         self.arch, self.data_spec, self.epochs, self.cfg, self.paths = arch, data_spec, epochs, cfg, paths
-        self.dev = _resolve_device(cfg.device)
+        self.dev = resolve_device(cfg.device)
         self.base, self.sets = training_splits(data_spec, cfg.image_size, cfg.channels, cfg.seed, cfg.max_train_images,
                                                cfg.max_eval_images, cfg.skip_bad)
         self.workers = 0 if cfg.num_workers == "auto" else cfg.num_workers
@@ -610,7 +602,7 @@ class _Run:
         return self.metrics
 
 
-def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: int = 10,
+def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: Optional[int] = None,
           out_path: PathLike = "checkpoint.pt", *, config: Optional[TrainConfig] = None, **options: Any) -> Dict[str, Any]:
     """Train ``arch`` with operator ``op`` on ``data_spec``; write checkpoints; return the metrics.
 
@@ -619,7 +611,7 @@ def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: int
         op: ``conv``, ``dcn``, ``condconv``, ``dk_global``, ``dk`` or ``dk_dcn``.
         data_spec: any ``--data`` spec with labels (see :func:`erf_lab.data.open_data`).
         epochs: total epochs (with ``resume``, the run continues up to this many); with
-            ``time_budget_s``, the most epochs.
+            ``time_budget_s``, the most epochs. Default 10, or 1000 with a time budget.
         out_path: the best checkpoint; ``.last.pt`` and ``.metrics.json`` go beside it.
         config, options: a :class:`TrainConfig`, and/or its fields as keywords (``seed=1``,
             ``lr=3e-3``...), which override the config's.
@@ -636,10 +628,12 @@ def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: int
         raise ErfLabError(f"unknown op {op!r}; choose one of {', '.join(models.OPS)}")
     if arch not in models.names():
         raise ErfLabError(f"unknown arch {arch!r}; choose one of {', '.join(models.names())}")
+    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    if epochs is None:
+        epochs = 10 if cfg.time_budget_s is None else 1000
     if epochs < 1:
         raise ErfLabError(f"epochs must be >= 1, got {epochs}")
-    cfg = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
-    _resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
+    resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
     paths = companion_paths(out_path)
     for p in paths.values():  # before any work: an unwritable output fails now, not after training
         check_output_file(p)

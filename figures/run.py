@@ -51,13 +51,9 @@ def _read_csv(path: Path) -> Any:
 
 
 def _device(device: Optional[str]) -> str:
-    import torch
+    from erf_lab.device import resolve_device
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ErfLabError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return str(device)
+    return str(resolve_device(device))
 
 
 def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = None, models_dir: Optional[PathLike] = None,

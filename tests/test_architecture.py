@@ -16,13 +16,12 @@ LONG_FUNCTIONS: Dict[str, int] = {
     "dk_ops/functional.py::deform_kernel_conv2d": 165,
     "dk_ops/triton/kernels.py::image_side_kernel": 107,
     "dk_ops/triton/gpu_check.py::main": 191,
-    "analyses/tsne.py::run_tsne": 162,
+    "analyses/tsne.py::run_tsne": 158,
     "analyses/features.py::extract_features": 135,
     "figures/accuracy.py::accuracy_table": 115,
     "figures/run.py::run_figures": 131,
     "figures/erf_comparison.py::erf_comparison": 101,
     "figures/theory.py::linear_erf_theory": 111,
-    "cli.py::_add_erf_commands": 118,
 }
 
 

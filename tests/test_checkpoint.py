@@ -69,7 +69,7 @@ def test_erf_lab_checkpoint_roundtrip_with_metadata(tmp_path):
 def test_plain_state_dict_needs_arch_and_strips_dataparallel_prefix(tmp_path):
     m = study()
     torch.save({"module." + k: v for k, v in m.state_dict().items()}, tmp_path / "s.pt")
-    with pytest.raises(ErfLabError, match="plain state_dict: pass --arch"):
+    with pytest.raises(ErfLabError, match=r"plain state_dict: pass arch \(--arch"):
         load_model(tmp_path / "s.pt")
     lm = load_model(tmp_path / "s.pt", arch="study_net", arch_kwargs={"num_classes": 4})
     assert lm.kind == "state_dict" and same_weights(lm.model, m)

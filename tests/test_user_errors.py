@@ -1,5 +1,6 @@
 """What a new user meets first with real models and bad inputs: one line and exit 2 (never a
 traceback, never a silent wrong answer), defaults that mean what the user means."""
+import argparse
 import json
 import os
 import subprocess
@@ -293,3 +294,32 @@ def test_no_hook_survives_an_error_in_the_forward():
             net(torch.zeros(1, 3, 8, 8))
     assert "stage" in seen
     assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_a_bug_is_not_a_user_error(tmp_path, monkeypatch):
+    """Only ErfLabError is a user error (one line, exit 2); anything else propagates with its
+    traceback (Python exits 1)."""
+    import erf_lab.jobs as jobs
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(jobs, "run_erf", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["erf", "--model", "study:dk", "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_cli_choices_are_the_librarys():
+    from dk_ops.models import OPS
+    from erf_lab.erf import OPTION_NAMES, PRESETS
+
+    def choices(command: str) -> dict:
+        sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest: a.choices for a in sub.choices[command]._actions if a.choices is not None}
+
+    erf, train = choices("erf"), choices("train")
+    assert list(erf["preset"]) == list(PRESETS) and list(train["op"]) == list(OPS)
+    assert set(OPTION_NAMES) <= set(erf)
+    with pytest.raises(SystemExit) as exc:  # a bad value is argparse's usage error: exit 2
+        cli.main(["erf", "--model", "study:dk", "--unit", "1,2,3"])
+    assert exc.value.code == 2

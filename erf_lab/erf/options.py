@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import ErfLabError
 
-__all__ = ["ERFOptions", "PRESETS", "OPTION_NAMES", "UNSET", "resolve_options", "Settings",
+__all__ = ["ERFOptions", "PRESETS", "OPTION_NAMES", "OPTION_CHOICES", "UNSET", "resolve_options", "Settings",
            "BACKENDS", "CENTER_MODES", "SAMPLINGS", "LAYOUTS"]
 
 UNSET: Any = object()  # "not given": the preset's choice stands
@@ -15,6 +15,17 @@ BACKENDS = ("engine", "captum")
 CENTER_MODES = ("rf", "array")
 SAMPLINGS = ("random", "stratified", "first")
 LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+
+
+# the values each ERFOptions field takes (the CLI's --target-rectify ... flags read them)
+OPTION_CHOICES: Dict[str, Tuple[Optional[str], ...]] = {
+    "target_rectify": (None, "relu"),
+    "target_reduction": ("sum", "mean"),
+    "grad_rectify": (None, "relu", "abs", "square"),
+    "color_reduction": ("sum", "mean"),
+    "map_rectify": (None, "clamp"),
+    "normalize": (None, "log_max", "max", "sum"),
+}
 
 
 @dataclass(frozen=True)
@@ -39,15 +50,7 @@ class ERFOptions:
     normalize: Optional[str] = "log_max"
 
     def __post_init__(self) -> None:
-        allowed = {
-            "target_rectify": (None, "relu"),
-            "target_reduction": ("sum", "mean"),
-            "grad_rectify": (None, "relu", "abs", "square"),
-            "color_reduction": ("sum", "mean"),
-            "map_rectify": (None, "clamp"),
-            "normalize": (None, "log_max", "max", "sum"),
-        }
-        for name, values in allowed.items():
+        for name, values in OPTION_CHOICES.items():
             if getattr(self, name) not in values:
                 raise ErfLabError(f"{name} must be one of {values}, got {getattr(self, name)!r}")
 
