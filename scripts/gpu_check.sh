@@ -70,8 +70,8 @@ else
 
   # 3. Tests: CUDA C++ parity/opcheck/gradcheck, the CPU native suite and the backend rules on this torch.
   stage "pytest start"
-  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_native.py tests/test_native.py \
-    tests/test_backend_selection.py --durations=10 > "$OUT/pytest.log" 2>&1
+  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/dk_ops/test_cuda_native.py tests/dk_ops/test_native.py \
+    tests/dk_ops/test_backend_selection.py --durations=10 > "$OUT/pytest.log" 2>&1
   rc=$?
   stage "pytest rc=$rc: $(tail -1 "$OUT/pytest.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -10 | tee -a "$SUMMARY"
@@ -83,7 +83,7 @@ else
     timeout 180 compute-sanitizer --tool memcheck --print-limit 20 $PY - > "$OUT/memcheck.log" 2>&1 <<'PYEOF'
 import torch
 from dk_ops import backend
-from tests.test_native import make, call_native, flat
+from tests.dk_ops.test_native import make, call_native, flat
 cases = [dict(groups=4, gi=2, mask=True), dict(groups=2, gk=2, gi=1), dict(kernel="global", groups=1)]
 ops = [("triton", lambda a, s: torch.ops.dk_ops_triton.deform_kernel_conv2d(*a, *flat(s)))]
 if backend.load_native() and backend._native.has_cuda():

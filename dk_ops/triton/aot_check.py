@@ -20,7 +20,7 @@ import torch
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
            torch.int32: "i32", torch.int64: "i64"}
 
-# Cases covering every kernel and every constexpr branch (see tests/test_triton_interpreter.py).
+# Cases covering every kernel and every constexpr branch (see tests/dk_ops/test_triton_interpreter.py).
 CASES = [
     dict(groups=4, gk=2, gi=2, mask=True),                 # depthwise: local dk, offsets, mask
     dict(groups=4, kernel="global", bias=False),           # depthwise: global dk, rigid

@@ -1,5 +1,5 @@
 """Correctness of the Triton backend on a CUDA device (run by scripts/gpu_check.sh; needs a GPU and a
-checkout: it reuses the CPU suite's argument grid from tests/test_native.py).
+checkout: it reuses the CPU suite's argument grid from tests/dk_ops/test_native.py).
 
     python -m dk_ops.triton.gpu_check [--quick] [--json out.json]
     TRITON_INTERPRET=1 python -m dk_ops.triton.gpu_check --device cpu --quick   # a dry run of this script
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     import dk_ops
     from dk_ops import triton as dk_triton
     from dk_ops.triton import _impl, selfcheck
-    from tests.test_native import GRID, _ids, make
+    from tests.dk_ops.test_native import GRID, _ids, make
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

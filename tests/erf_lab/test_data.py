@@ -16,7 +16,7 @@ SMALL = "digits-ms:size=32,renders=1"
 
 @pytest.fixture(scope="module", autouse=True)
 def _cache(tmp_path_factory):
-    """A data cache shared by the session (tests/test_train.py uses the same small set)."""
+    """A data cache shared by the session (tests/erf_lab/test_train.py uses the same small set)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("ERF_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "erf-lab-cache"))
     yield

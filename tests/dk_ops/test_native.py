@@ -14,7 +14,7 @@ from dk_ops import backend
 from dk_ops.reference import deform_kernel_conv2d_reference
 
 D = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module", autouse=True)

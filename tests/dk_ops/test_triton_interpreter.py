@@ -30,10 +30,10 @@ import triton  # noqa: E402,F401  (the test extra installs it: this suite must r
 
 import dk_ops  # noqa: E402
 from dk_ops.triton import _impl  # noqa: E402
-from tests.test_native import GRID, _ids, call_reference, flat, make, out_hw  # noqa: E402
+from tests.dk_ops.test_native import GRID, _ids, call_reference, flat, make, out_hw  # noqa: E402
 
 D = torch.float64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ["input", "weight", "kernel_offset", "offset", "mask", "bias"]
 
 

@@ -312,7 +312,7 @@ def test_figures_report_opens_with_the_verdicts_and_renders_in_chromium(tiny, tm
     import re
     import subprocess
 
-    from tests.test_report_html import CHECK, CHROMIUM
+    from tests.analyses.test_report_html import CHECK, CHROMIUM
 
     assert CHROMIUM, "chromium is needed (.ci/run installs it: apt-get install chromium)"
     run = figures.run_figures(tmp_path, only=["accuracy", "erf"], models_dir=tiny["out"] / "models", progress=False,

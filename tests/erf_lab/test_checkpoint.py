@@ -14,7 +14,7 @@ from erf_lab import load_model
 from erf_lab.checkpoint import infer_input_channels
 from erf_lab.errors import ErfLabError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def study(**kw):

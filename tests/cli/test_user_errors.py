@@ -16,7 +16,7 @@ import cli
 from erf_lab import compute_erf
 from erf_lab.errors import ErfLabError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Net(nn.Module):

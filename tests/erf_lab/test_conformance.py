@@ -6,7 +6,7 @@ never exit 1. The default layer must be the backbone's last spatial features wit
 grid; maps from TorchScript, torch.export and pickled modules must equal the state_dict map; and
 the engine's map must equal an independent per-image loop written here (float64).
 
-The matrix itself (`MATRIX`) is printed by `python -m pytest tests/test_conformance.py -s -k table`.
+The matrix itself (`MATRIX`) is printed by `python -m pytest tests/erf_lab/test_conformance.py -s -k table`.
 """
 import json
 import warnings

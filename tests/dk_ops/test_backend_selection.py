@@ -13,7 +13,7 @@ from dk_ops import _native, backend
 from dk_ops import triton as dk_triton
 from dk_ops.triton import selfcheck
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA0 = torch.device("cuda:0")
 
 

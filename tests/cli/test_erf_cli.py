@@ -13,7 +13,7 @@ import torch
 
 from dk_ops import models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def env():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dk_ops import deform_kernel_conv2d
 from dk_ops.backend import dispatch
-from tests._naive import naive_deform_kernel_conv2d
+from tests.dk_ops._naive import naive_deform_kernel_conv2d
 
 D = torch.float64
 

@@ -7,7 +7,7 @@ against the float32 reference on the same rounded inputs: 1e-2 / 5e-2 of the sca
 import pytest
 import torch
 
-from tests.test_native import GRID, _ids, call_native, call_reference, flat, make, values_and_grads
+from tests.dk_ops.test_native import GRID, _ids, call_native, call_reference, flat, make, values_and_grads
 
 pytestmark = pytest.mark.cuda
 
