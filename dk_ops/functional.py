@@ -58,6 +58,108 @@ def _check_offset_like(
     return t.shape[1] // per_group
 
 
+def _check_input_and_weight(input: Tensor, weight: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                            padding: Tuple[int, int], dilation: Tuple[int, int], groups: int) -> Tuple[int, int]:
+    """Checks the input, the scope weight and the geometry; returns the output size (H_out, W_out)."""
+    kh, kw = kernel_size
+    if not isinstance(input, Tensor):
+        raise ValueError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape (batch_size, in_channels, height, width), got {_shape(input)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"input must be a floating-point tensor (float16/bfloat16/float32/float64), got {input.dtype}")
+    _check_tensor("weight", weight, input)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight must have shape (out_channels, in_channels // groups, scope_height, scope_width), "
+            f"got {_shape(weight)}"
+        )
+    if kh < 1 or kw < 1:
+        raise ValueError(f"kernel_size must be positive, got {kernel_size}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, padding={padding}, "
+            f"dilation={dilation}"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+
+    n, c_in, h, w = input.shape
+    c_out, cg, sh, sw = weight.shape
+    if c_in % groups != 0:
+        raise ValueError(f"groups={groups} must divide in_channels={c_in} (input shape {_shape(input)})")
+    if c_out % groups != 0:
+        raise ValueError(f"groups={groups} must divide out_channels={c_out} (weight shape {_shape(weight)})")
+    if cg != c_in // groups:
+        raise ValueError(
+            f"weight must have shape ({c_out}, {c_in // groups}, scope_height, scope_width) for "
+            f"in_channels={c_in} and groups={groups}, got {_shape(weight)}"
+        )
+    if kh > sh or kw > sw:
+        raise ValueError(
+            f"kernel_size {kernel_size} must not exceed the scope size (weight's last two dims), "
+            f"got weight of shape {_shape(weight)}"
+        )
+    ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {(h, w)} is too small for kernel_size={kernel_size}, stride={stride}, "
+            f"padding={padding}, dilation={dilation}: the output would be {(ho, wo)}"
+        )
+    return ho, wo
+
+
+def _check_offsets(input: Tensor, weight: Tensor, kernel_offset: Optional[Tensor], offset: Optional[Tensor],
+                   mask: Optional[Tensor], bias: Optional[Tensor], kernel_size: Tuple[int, int],
+                   out_hw: Tuple[int, int]) -> None:
+    """Checks the kernel offsets, image offsets, mask and bias against the input, weight and output size."""
+    n, c_in = input.shape[:2]
+    c_out = weight.shape[0]
+    K = kernel_size[0] * kernel_size[1]
+    ho, wo = out_hw
+    if kernel_offset is not None:
+        _check_tensor("kernel_offset", kernel_offset, input)
+        expected = (
+            f"({n}, 2*kernel_offset_groups*{K}, {ho}, {wo}) or ({n}, 2*kernel_offset_groups*{K})"
+        )
+        gk = _check_offset_like("kernel_offset", kernel_offset, 2 * K, n, out_hw, expected, allow_2d=True)
+        if c_out % gk != 0:
+            raise ValueError(
+                f"kernel_offset has {gk} groups ({kernel_offset.shape[1]} channels = 2*{gk}*{K}), "
+                f"which must divide out_channels={c_out}; got shape {_shape(kernel_offset)}"
+            )
+    gi = None
+    if offset is not None:
+        _check_tensor("offset", offset, input)
+        expected = f"({n}, 2*offset_groups*{K}, {ho}, {wo})"
+        gi = _check_offset_like("offset", offset, 2 * K, n, out_hw, expected)
+        if c_in % gi != 0:
+            raise ValueError(
+                f"offset has {gi} groups ({offset.shape[1]} channels = 2*{gi}*{K}), which must divide "
+                f"in_channels={c_in}; got shape {_shape(offset)}"
+            )
+    if mask is not None:
+        _check_tensor("mask", mask, input)
+        if gi is not None:
+            expected = f"({n}, {gi * K}, {ho}, {wo}) (offset_groups*{K}, matching offset)"
+            gm = _check_offset_like("mask", mask, K, n, out_hw, expected)
+            if gm != gi:
+                raise ValueError(f"mask must have shape {expected}, got {_shape(mask)}")
+        else:
+            expected = f"({n}, offset_groups*{K}, {ho}, {wo})"
+            gm = _check_offset_like("mask", mask, K, n, out_hw, expected)
+            if c_in % gm != 0:
+                raise ValueError(
+                    f"mask has {gm} groups ({mask.shape[1]} channels = {gm}*{K}), which must divide "
+                    f"in_channels={c_in}; got shape {_shape(mask)}"
+                )
+    if bias is not None:
+        _check_tensor("bias", bias, input)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {_shape(bias)}")
+
+
 def deform_kernel_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -126,100 +228,10 @@ def deform_kernel_conv2d(
                 return deform_kernel_conv2d(
                     *args, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups
                 )
-    kh, kw = kernel_size = pair(kernel_size, "kernel_size")
-    stride = pair(stride, "stride")
-    padding = pair(padding, "padding")
-    dilation = pair(dilation, "dilation")
-
-    if not isinstance(input, Tensor):
-        raise ValueError(f"input must be a Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must have shape (batch_size, in_channels, height, width), got {_shape(input)}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"input must be a floating-point tensor (float16/bfloat16/float32/float64), got {input.dtype}")
-    _check_tensor("weight", weight, input)
-    if weight.dim() != 4:
-        raise ValueError(
-            f"weight must have shape (out_channels, in_channels // groups, scope_height, scope_width), "
-            f"got {_shape(weight)}"
-        )
-    if kh < 1 or kw < 1:
-        raise ValueError(f"kernel_size must be positive, got {kernel_size}")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(
-            f"stride and dilation must be >= 1 and padding >= 0, got stride={stride}, padding={padding}, "
-            f"dilation={dilation}"
-        )
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-
-    n, c_in, h, w = input.shape
-    c_out, cg, sh, sw = weight.shape
-    if c_in % groups != 0:
-        raise ValueError(f"groups={groups} must divide in_channels={c_in} (input shape {_shape(input)})")
-    if c_out % groups != 0:
-        raise ValueError(f"groups={groups} must divide out_channels={c_out} (weight shape {_shape(weight)})")
-    if cg != c_in // groups:
-        raise ValueError(
-            f"weight must have shape ({c_out}, {c_in // groups}, scope_height, scope_width) for "
-            f"in_channels={c_in} and groups={groups}, got {_shape(weight)}"
-        )
-    if kh > sh or kw > sw:
-        raise ValueError(
-            f"kernel_size {kernel_size} must not exceed the scope size (weight's last two dims), "
-            f"got weight of shape {_shape(weight)}"
-        )
-    ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
-    wo = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"input of spatial size {(h, w)} is too small for kernel_size={kernel_size}, stride={stride}, "
-            f"padding={padding}, dilation={dilation}: the output would be {(ho, wo)}"
-        )
-    K = kh * kw
-    out_hw = (ho, wo)
-
-    if kernel_offset is not None:
-        _check_tensor("kernel_offset", kernel_offset, input)
-        expected = (
-            f"({n}, 2*kernel_offset_groups*{K}, {ho}, {wo}) or ({n}, 2*kernel_offset_groups*{K})"
-        )
-        gk = _check_offset_like("kernel_offset", kernel_offset, 2 * K, n, out_hw, expected, allow_2d=True)
-        if c_out % gk != 0:
-            raise ValueError(
-                f"kernel_offset has {gk} groups ({kernel_offset.shape[1]} channels = 2*{gk}*{K}), "
-                f"which must divide out_channels={c_out}; got shape {_shape(kernel_offset)}"
-            )
-    gi = None
-    if offset is not None:
-        _check_tensor("offset", offset, input)
-        expected = f"({n}, 2*offset_groups*{K}, {ho}, {wo})"
-        gi = _check_offset_like("offset", offset, 2 * K, n, out_hw, expected)
-        if c_in % gi != 0:
-            raise ValueError(
-                f"offset has {gi} groups ({offset.shape[1]} channels = 2*{gi}*{K}), which must divide "
-                f"in_channels={c_in}; got shape {_shape(offset)}"
-            )
-    if mask is not None:
-        _check_tensor("mask", mask, input)
-        if gi is not None:
-            expected = f"({n}, {gi * K}, {ho}, {wo}) (offset_groups*{K}, matching offset)"
-            gm = _check_offset_like("mask", mask, K, n, out_hw, expected)
-            if gm != gi:
-                raise ValueError(f"mask must have shape {expected}, got {_shape(mask)}")
-        else:
-            expected = f"({n}, offset_groups*{K}, {ho}, {wo})"
-            gm = _check_offset_like("mask", mask, K, n, out_hw, expected)
-            if c_in % gm != 0:
-                raise ValueError(
-                    f"mask has {gm} groups ({mask.shape[1]} channels = {gm}*{K}), which must divide "
-                    f"in_channels={c_in}; got shape {_shape(mask)}"
-                )
-    if bias is not None:
-        _check_tensor("bias", bias, input)
-        if tuple(bias.shape) != (c_out,):
-            raise ValueError(f"bias must have shape ({c_out},), got {_shape(bias)}")
-
+    kernel_size, stride, padding, dilation = (pair(v, name) for v, name in (
+        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    out_hw = _check_input_and_weight(input, weight, kernel_size, stride, padding, dilation, groups)
+    _check_offsets(input, weight, kernel_offset, offset, mask, bias, kernel_size, out_hw)
     return _backend.dispatch(
         input, weight, kernel_offset, offset, mask, bias, kernel_size, stride, padding, dilation, groups
     )

@@ -13,7 +13,6 @@ LAYERS = ("dk_ops", "erf_lab", "analyses", "figures", "cli")  # each may import 
 MAX_LINES = 100
 # Functions allowed past MAX_LINES, at most this long (a ratchet: lower a number, never raise it).
 LONG_FUNCTIONS: Dict[str, int] = {
-    "dk_ops/functional.py::deform_kernel_conv2d": 165,
     "dk_ops/triton/kernels.py::image_side_kernel": 107,
     "dk_ops/triton/gpu_check.py::main": 191,
     "analyses/tsne.py::run_tsne": 158,
