@@ -78,6 +78,45 @@ def _by_bin_vs_conv(correct: Mapping[str, np.ndarray], bins: np.ndarray, n_boot:
     return rows
 
 
+def _draw(df: Any, bins: Any, n_seeds: int, n_images: int, latency_batch_sizes: Sequence[int], latency_repeats: int):
+    """The accuracy figure: accuracy with CIs, accuracy vs latency, the difference from conv per size bin."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    xs = np.arange(len(df))
+    err = np.stack([df.test_acc_mean - df.ci_low, df.ci_high - df.test_acc_mean]).clip(min=0)
+    axes[0].bar(xs, df.test_acc_mean, yerr=np.nan_to_num(err), color="C0", capsize=3)
+    for x, v in zip(xs, df.test_acc_mean):
+        axes[0].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    axes[0].set_xticks(xs, df.op, rotation=20)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylim(max(0.0, float(df.ci_low.min()) - 0.05), 1.0)
+    axes[0].set_title(f"test accuracy, {n_seeds} seed(s), 95% CI ({n_images} images)", fontsize=9)
+    bs0 = latency_batch_sizes[0]
+    axes[1].scatter(df[f"latency_ms_per_image_b{bs0}"], df.test_acc_mean, s=20 + df.params / df.params.max() * 200)
+    for _, r in df.iterrows():
+        axes[1].annotate(f"{r.op}\n{r.params / 1e3:.0f}k p, {r.macs / 1e6:.1f}M MACs",
+                         (r[f"latency_ms_per_image_b{bs0}"], r.test_acc_mean), fontsize=7)
+    axes[1].set_xlabel(f"CPU latency, ms/image at batch {bs0} (fastest of {latency_repeats})")
+    axes[1].set_ylabel("test accuracy")
+    axes[1].set_title("accuracy vs latency (marker area ~ parameters)", fontsize=9)
+    if "diff_vs_conv" in bins:
+        for op in [o for o in df.op if o != "conv"]:
+            sel = bins[bins.op == op]
+            axes[2].plot(sel.size_bin, sel.diff_vs_conv, "o-", ms=3, label=op)
+            axes[2].fill_between(sel.size_bin, sel.diff_ci_low, sel.diff_ci_high, alpha=0.12)
+        axes[2].axhline(0, color="gray", lw=0.8)
+        axes[2].set_ylabel("test accuracy - conv (95% CI band)")
+    else:
+        for op in df.op:
+            sel = bins[bins.op == op]
+            axes[2].plot(sel.size_bin, sel.test_acc_mean, "o-", ms=3, label=op)
+        axes[2].set_ylabel("test accuracy")
+    axes[2].set_xlabel("object size bin (small -> large)")
+    axes[2].set_title("per object-size bin, paired with conv", fontsize=9)
+    axes[2].legend(fontsize=7)
+    return fig
+
+
 def accuracy_table(checkpoints: Mapping[str, Sequence[PathLike]], out_dir: PathLike, *, latency_repeats: int = 10,
                    latency_batch_sizes: Sequence[int] = (1, 16), device: str = "cpu",
                    seed: int = 0, data: Optional[str] = None, n_boot: int = 2000) -> FigureResult:
@@ -140,40 +179,7 @@ def accuracy_table(checkpoints: Mapping[str, Sequence[PathLike]], out_dir: PathL
     bins = pd.DataFrame(_by_bin_vs_conv(correct, test["size_bin"], n_boot, seed))
     effects = accuracy_effects(correct, n_boot=n_boot, seed=seed)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
-    xs = np.arange(len(df))
-    err = np.stack([df.test_acc_mean - df.ci_low, df.ci_high - df.test_acc_mean]).clip(min=0)
-    axes[0].bar(xs, df.test_acc_mean, yerr=np.nan_to_num(err), color="C0", capsize=3)
-    for x, v in zip(xs, df.test_acc_mean):
-        axes[0].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    axes[0].set_xticks(xs, df.op, rotation=20)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].set_ylim(max(0.0, float(df.ci_low.min()) - 0.05), 1.0)
-    axes[0].set_title(f"test accuracy, {n_seeds} seed(s), 95% CI ({len(test['label'])} images)", fontsize=9)
-    bs0 = latency_batch_sizes[0]
-    axes[1].scatter(df[f"latency_ms_per_image_b{bs0}"], df.test_acc_mean, s=20 + df.params / df.params.max() * 200)
-    for _, r in df.iterrows():
-        axes[1].annotate(f"{r.op}\n{r.params / 1e3:.0f}k p, {r.macs / 1e6:.1f}M MACs",
-                         (r[f"latency_ms_per_image_b{bs0}"], r.test_acc_mean), fontsize=7)
-    axes[1].set_xlabel(f"CPU latency, ms/image at batch {bs0} (fastest of {latency_repeats})")
-    axes[1].set_ylabel("test accuracy")
-    axes[1].set_title("accuracy vs latency (marker area ~ parameters)", fontsize=9)
-    if "diff_vs_conv" in bins:
-        for op in [o for o in df.op if o != "conv"]:
-            sel = bins[bins.op == op]
-            axes[2].plot(sel.size_bin, sel.diff_vs_conv, "o-", ms=3, label=op)
-            axes[2].fill_between(sel.size_bin, sel.diff_ci_low, sel.diff_ci_high, alpha=0.12)
-        axes[2].axhline(0, color="gray", lw=0.8)
-        axes[2].set_ylabel("test accuracy - conv (95% CI band)")
-    else:
-        for op in df.op:
-            sel = bins[bins.op == op]
-            axes[2].plot(sel.size_bin, sel.test_acc_mean, "o-", ms=3, label=op)
-        axes[2].set_ylabel("test accuracy")
-    axes[2].set_xlabel("object size bin (small -> large)")
-    axes[2].set_title("per object-size bin, paired with conv", fontsize=9)
-    axes[2].legend(fontsize=7)
+    fig = _draw(df, bins, n_seeds, len(test["label"]), latency_batch_sizes, latency_repeats)
     files = save_figure(fig, out, "accuracy")
     files.append(write_csv(out / "accuracy.csv", df))
     files.append(write_csv(out / "accuracy_per_size_bin.csv", bins))

@@ -112,6 +112,29 @@ def _grid(per_image: Any, col: str) -> Dict[str, np.ndarray]:
             for op, g in per_image.groupby("op", sort=False)}
 
 
+def _dataset_erfs(firsts: Mapping[str, Any], ds: Any, layers: Mapping[str, str], erf_images: int, seed: int,
+                  device: str, progress: bool, out: Path):
+    """The data-set ERF of each model's first seed (saved to ``out/dataset/OP``): (metrics table, results)."""
+    import pandas as pd
+    import erf_lab
+    from erf_lab.progress import progress as progress_bar
+
+    rows, results = [], {}
+    for op in progress_bar(list(firsts), desc="data-set ERFs", unit="model", enabled=progress):
+        r = erf_lab.compute_erf(firsts[op].model, ds, layer=layers[op], unit="center", preset="replknet",
+                                num_images=erf_images, seed=seed, device=device, progress=False)
+        r.save(out / "dataset" / op, plot=False)
+        met = r.metrics()
+        results[op] = r
+        rows.append({"op": op, "layer": layers[op], "n_images": r.n_images, "luo_size": met["luo_size"],
+                     "sigma_y": met["sigma_y"], "sigma_x": met["sigma_x"],
+                     "area_ratio@0.2": met["area_ratio_replknet@0.2"], "area_ratio@0.5": met["area_ratio_replknet@0.5"],
+                     "radius_mass@0.5": met["radius_mass@0.5"], "radius_mass@0.9": met["radius_mass@0.9"],
+                     "gauss_r2": met["gauss_r2"], "erf_trf_ratio": met["erf_trf_ratio"],
+                     "center_of_mass_offset": met["center_of_mass_offset"]})
+    return pd.DataFrame(rows), results
+
+
 def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: Optional[str] = None,
                    layer: Optional[str] = None, erf_images: int = 32, instance_per_bin: int = 50,
                    shown_ops: Sequence[str] = SHOWN_OPS, device: str = "cpu", seed: int = 0,
@@ -141,7 +164,6 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
     """
     import pandas as pd
     import erf_lab
-    from erf_lab.progress import progress as progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,23 +189,7 @@ def erf_comparison(checkpoints: Mapping[str, Any], out_dir: PathLike, *, data: O
                           n_boot=n_boot, seed=seed)
     n_seeds = int(per_image.seed_index.max()) + 1
 
-    # data-set ERFs (first seed)
-    ds_rows = []
-    ds_results = {}
-    for op in progress_bar(ops, desc="data-set ERFs", unit="model", enabled=progress):
-        r = erf_lab.compute_erf(firsts[op].model, ds, layer=layers[op], unit="center", preset="replknet",
-                                num_images=erf_images, seed=seed, device=device, progress=False)
-        r.save(out / "dataset" / op, plot=False)
-        met = r.metrics()
-        ds_results[op] = r
-        ds_rows.append({"op": op, "layer": layers[op], "n_images": r.n_images, "luo_size": met["luo_size"],
-                        "sigma_y": met["sigma_y"], "sigma_x": met["sigma_x"],
-                        "area_ratio@0.2": met["area_ratio_replknet@0.2"],
-                        "area_ratio@0.5": met["area_ratio_replknet@0.5"],
-                        "radius_mass@0.5": met["radius_mass@0.5"], "radius_mass@0.9": met["radius_mass@0.9"],
-                        "gauss_r2": met["gauss_r2"], "erf_trf_ratio": met["erf_trf_ratio"],
-                        "center_of_mass_offset": met["center_of_mass_offset"]})
-    ds_df = pd.DataFrame(ds_rows)
+    ds_df, ds_results = _dataset_erfs(firsts, ds, layers, erf_images, seed, device, progress, out)
 
     files = _draw(out, ds, items, idx, teaser, instance_maps, per_image, by_bin, ds_df, ds_results,
                   [op for op in shown_ops if op in loaded] or ops[:4], ops, instance_per_bin, n_seeds)

@@ -56,6 +56,49 @@ def _device(device: Optional[str]) -> str:
     return str(resolve_device(device))
 
 
+def _make_figure(name: str, d: Path, cfg: FiguresConfig, ckpts: Dict[str, List[Path]],
+                 tsne_ckpts: Dict[str, List[Path]], data_spec: Optional[str], dev: str, seed: int,
+                 progress: bool) -> FigureResult:
+    """Figure ``name`` into folder ``d`` with the run's configuration and models."""
+    if name == "theory":
+        from .theory import linear_erf_theory
+
+        return linear_erf_theory(d, depths=cfg.theory_depths, seed=seed)
+    if name == "accuracy":
+        from .accuracy import accuracy_table
+
+        return accuracy_table(ckpts, d, latency_repeats=cfg.latency_repeats, device="cpu", seed=seed,
+                              data=data_spec, n_boot=cfg.n_boot)
+    if name == "erf":
+        from .erf_comparison import erf_comparison
+
+        return erf_comparison(ckpts, d, data=data_spec, erf_images=cfg.erf_images,
+                              instance_per_bin=cfg.instance_per_bin, device=dev, seed=seed, progress=progress,
+                              n_boot=cfg.n_boot)
+    if name == "tsne":
+        from .tsne import tsne_figure
+
+        return tsne_figure(tsne_ckpts, d, data=data_spec, max_samples=cfg.tsne_samples, n_iter=cfg.tsne_iter,
+                           tsne_runs=cfg.tsne_runs, device=dev, seed=seed, progress=progress, n_boot=cfg.n_boot)
+    from .offsets import offsets_by_size
+
+    return offsets_by_size(ckpts, d, data=data_spec, per_bin=cfg.instance_per_bin, device=dev, seed=seed,
+                           progress=progress, n_boot=cfg.n_boot)
+
+
+def _report_notes(dev: str, cfg: FiguresConfig, models_dir: Optional[PathLike], need_models: bool) -> List[str]:
+    import torch
+
+    notes = [f"Device {dev}; {torch.get_num_threads()} torch CPU threads; {os.cpu_count()} CPUs visible. "
+             "Latency and wall times depend on the machine and its load."]
+    if models_dir is not None:
+        notes.append(f"Models taken from {models_dir} (not trained by this run).")
+    elif cfg.source == "shipped" and need_models:
+        notes.append("Models: the converged study models shipped in erf_lab/study_models (not trained by this "
+                     "run; `--retrain` trains them anew with the same recipes).")
+    return notes
+
+
 def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = None, models_dir: Optional[PathLike] = None,
                 device: Optional[str] = None, only: Optional[Sequence[str]] = None, progress: bool = True,
                 command: Optional[str] = None, retrain: bool = False, jobs: int = 1,
@@ -81,8 +124,6 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
         ``{"results": [FigureResult], "failures": {figure: message}, "report": Path, "config": FiguresConfig,
         "seconds": {stage: s}}``. A figure that fails is reported (and its error kept) while the others run.
     """
-    import torch
-
     wanted = tuple(FIGURES if not only else only)
     bad = [f for f in wanted if f not in FIGURES]
     if bad:
@@ -122,37 +163,10 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
     failures: Dict[str, str] = {}
     data_spec = None if models_dir is None else data
 
-    def make(name: str) -> FigureResult:
-        d = root / name
-        if name == "theory":
-            from .theory import linear_erf_theory
-
-            return linear_erf_theory(d, depths=cfg.theory_depths, seed=seed)
-        if name == "accuracy":
-            from .accuracy import accuracy_table
-
-            return accuracy_table(ckpts, d, latency_repeats=cfg.latency_repeats, device="cpu", seed=seed,
-                                  data=data_spec, n_boot=cfg.n_boot)
-        if name == "erf":
-            from .erf_comparison import erf_comparison
-
-            return erf_comparison(ckpts, d, data=data_spec, erf_images=cfg.erf_images,
-                                  instance_per_bin=cfg.instance_per_bin, device=dev, seed=seed, progress=progress,
-                                  n_boot=cfg.n_boot)
-        if name == "tsne":
-            from .tsne import tsne_figure
-
-            return tsne_figure(tsne_ckpts, d, data=data_spec, max_samples=cfg.tsne_samples, n_iter=cfg.tsne_iter,
-                               tsne_runs=cfg.tsne_runs, device=dev, seed=seed, progress=progress, n_boot=cfg.n_boot)
-        from .offsets import offsets_by_size
-
-        return offsets_by_size(ckpts, d, data=data_spec, per_bin=cfg.instance_per_bin, device=dev, seed=seed,
-                               progress=progress, n_boot=cfg.n_boot)
-
     for name in wanted:
         with stages(f"figure {name}"):
             try:
-                results.append(make(name))
+                results.append(_make_figure(name, root / name, cfg, ckpts, tsne_ckpts, data_spec, dev, seed, progress))
                 _save_result(root, results[-1])
             except (ErfLabError, ImportError, RuntimeError, ValueError) as exc:
                 failures[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -161,14 +175,7 @@ def run_figures(out: PathLike, *, mode: str = "quick", data: Optional[str] = Non
     with stages("report"):
         from .report import write_report
 
-        notes = [f"Device {dev}; {torch.get_num_threads()} torch CPU threads; {os.cpu_count()} CPUs visible. "
-                 "Latency and wall times depend on the machine and its load."]
-        if models_dir is not None:
-            notes.append(f"Models taken from {models_dir} (not trained by this run).")
-        elif cfg.source == "shipped" and need_models:
-            notes.append("Models: the converged study models shipped in erf_lab/study_models (not trained by this "
-                         "run; `--retrain` trains them anew with the same recipes).")
-        notes += model_notes
+        notes = _report_notes(dev, cfg, models_dir, need_models) + model_notes
         options = dict(cfg.to_dict(), device=dev, models_dir=str(models_dir) if models_dir else None,
                        figures=list(wanted))
         earlier = [r for r in (_load_result(root, f) for f in FIGURES if f not in wanted) if r is not None]

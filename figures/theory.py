@@ -135,6 +135,52 @@ def _slope(depths: Sequence[int], values: Sequence[float]) -> float:
     return float(np.polyfit(x[ok], y[ok], 1)[0]) if ok.sum() >= 2 else math.nan
 
 
+def _draw(df: Any, maps: Dict[str, np.ndarray], dk: Dict[str, Any], kernel_size: int, slope_luo: float,
+          slope_sigma: float):
+    """The 2 x 3 theory figure: the deepest stack's ERF, centre rows, size vs depth, the DK blend."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5), layout="constrained")
+    nmax = int(df.depth.max())
+    ax = axes[0, 0]
+    im = ax.imshow(maps[f"computed_{nmax}"], cmap="viridis")
+    ax.set_title(f"computed ERF, {nmax} uniform {kernel_size}x{kernel_size} convs", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[0, 1]
+    for n in df.depth:
+        comp, ana = maps[f"computed_{n}"], maps[f"analytic_{n}"]
+        r = comp.shape[0] // 2
+        xs = np.arange(comp.shape[1]) - r
+        line, = ax.plot(xs, ana[r], lw=1, label=f"n={n}")
+        ax.plot(xs, comp[r], ".", ms=3, color=line.get_color())
+    ax.set_title("centre row: analytic (line) vs computed (dots)", fontsize=9)
+    ax.set_xlabel("pixel offset from the unit")
+    ax.legend(fontsize=7)
+    ax = axes[0, 2]
+    d = df.depth.to_numpy(float)
+    ax.loglog(d, df.luo_size_computed, "o", label=f"Luo size (computed), slope {slope_luo:.3f}")
+    ax.loglog(d, df.sigma_computed, "s", label=f"sigma (computed), slope {slope_sigma:.3f}")
+    ax.loglog(d, df.sigma_closed_form, "k--", lw=1, label="sqrt(n (k^2-1)/12)")
+    for col, slope in (("luo_size_computed", slope_luo), ("sigma_computed", slope_sigma)):
+        b = np.polyfit(np.log(d), np.log(df[col]), 1)
+        ax.loglog(d, np.exp(np.polyval(b, np.log(d))), ":", color="gray", lw=1)
+    ax.set_xlabel("depth n")
+    ax.set_ylabel("ERF size (pixels)")
+    ax.set_title("ERF size vs depth (log-log)", fontsize=9)
+    ax.legend(fontsize=7)
+    for ax, key, title in ((axes[1, 0], "direct", "DK ERF at fractional kernel offsets"),
+                           (axes[1, 1], "blend", f"bilinear blend of {dk['n_corner_erfs']} integer-offset ERFs")):
+        im = ax.imshow(dk[key], cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax = axes[1, 2]
+    lim = max(float(np.abs(dk["residual"]).max()), 1e-300)
+    im = ax.imshow(dk["residual"], cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_title(f"residual (float64): max |r| = {dk['max_abs_residual']:.1e}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("Linear ERF theory: exact ERFs of uniform stacks, sqrt(depth) growth, DK bilinear property")
+    return fig
+
+
 def linear_erf_theory(out_dir: PathLike, *, depths: Sequence[int] = QUICK_DEPTHS, kernel_size: int = 3,
                       dk_depth: int = 3, dk_scope: int = 5, margin: int = 4, seed: int = 0) -> FigureResult:
     """Writes the linear ERF theory figure (``theory.png/.pdf``) and its data into ``out_dir``.
@@ -181,46 +227,7 @@ def linear_erf_theory(out_dir: PathLike, *, depths: Sequence[int] = QUICK_DEPTHS
     dk = dk_blend_erfs(dk_depth, kernel_size, dk_scope, size=2 * dk_depth * (dk_scope // 2 + 2) + 1 + 2 * margin,
                        seed=seed)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5), layout="constrained")
-    nmax = int(df.depth.max())
-    ax = axes[0, 0]
-    im = ax.imshow(maps[f"computed_{nmax}"], cmap="viridis")
-    ax.set_title(f"computed ERF, {nmax} uniform {kernel_size}x{kernel_size} convs", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = axes[0, 1]
-    for n in df.depth:
-        comp, ana = maps[f"computed_{n}"], maps[f"analytic_{n}"]
-        r = comp.shape[0] // 2
-        xs = np.arange(comp.shape[1]) - r
-        line, = ax.plot(xs, ana[r], lw=1, label=f"n={n}")
-        ax.plot(xs, comp[r], ".", ms=3, color=line.get_color())
-    ax.set_title("centre row: analytic (line) vs computed (dots)", fontsize=9)
-    ax.set_xlabel("pixel offset from the unit")
-    ax.legend(fontsize=7)
-    ax = axes[0, 2]
-    d = df.depth.to_numpy(float)
-    ax.loglog(d, df.luo_size_computed, "o", label=f"Luo size (computed), slope {slope_luo:.3f}")
-    ax.loglog(d, df.sigma_computed, "s", label=f"sigma (computed), slope {slope_sigma:.3f}")
-    ax.loglog(d, df.sigma_closed_form, "k--", lw=1, label="sqrt(n (k^2-1)/12)")
-    for col, slope in (("luo_size_computed", slope_luo), ("sigma_computed", slope_sigma)):
-        b = np.polyfit(np.log(d), np.log(df[col]), 1)
-        ax.loglog(d, np.exp(np.polyval(b, np.log(d))), ":", color="gray", lw=1)
-    ax.set_xlabel("depth n")
-    ax.set_ylabel("ERF size (pixels)")
-    ax.set_title("ERF size vs depth (log-log)", fontsize=9)
-    ax.legend(fontsize=7)
-    for ax, key, title in ((axes[1, 0], "direct", "DK ERF at fractional kernel offsets"),
-                           (axes[1, 1], "blend", f"bilinear blend of {dk['n_corner_erfs']} integer-offset ERFs")):
-        im = ax.imshow(dk[key], cmap="viridis")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    ax = axes[1, 2]
-    lim = max(float(np.abs(dk["residual"]).max()), 1e-300)
-    im = ax.imshow(dk["residual"], cmap="RdBu_r", vmin=-lim, vmax=lim)
-    ax.set_title(f"residual (float64): max |r| = {dk['max_abs_residual']:.1e}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("Linear ERF theory: exact ERFs of uniform stacks, sqrt(depth) growth, DK bilinear property")
+    fig = _draw(df, maps, dk, kernel_size, slope_luo, slope_sigma)
     files = save_figure(fig, out, "theory")
 
     options = dict(depths=list(depths), kernel_size=kernel_size, dk_depth=dk_depth, dk_scope=dk_scope,

@@ -17,10 +17,6 @@ LONG_FUNCTIONS: Dict[str, int] = {
     "dk_ops/triton/gpu_check.py::main": 191,
     "analyses/tsne.py::run_tsne": 158,
     "analyses/features.py::extract_features": 135,
-    "figures/accuracy.py::accuracy_table": 115,
-    "figures/run.py::run_figures": 131,
-    "figures/erf_comparison.py::erf_comparison": 101,
-    "figures/theory.py::linear_erf_theory": 111,
 }
 
 
