@@ -297,17 +297,45 @@ def _unwrap(model: Any) -> Tuple[nn.Module, Dict[str, Any]]:
     raise ErfLabError(f"expected a torch.nn.Module or a loaded model, got {type(model).__name__}")
 
 
+def _pooled_batches(net: nn.Module, loader: Any, module: nn.Module, layer_name: str, layer_grid: Any, pooling: str,
+                    mapping: Optional[Dict[str, Any]], image_hw: Tuple[int, int], device: torch.device, progress: bool):
+    """Runs the batches to the layer and pools each map: (feature chunks, labels, size bins, indices, boxes)."""
+    map_hw = layer_grid.grid
+    chunks: List[np.ndarray] = []
+    labels, bins, indices, boxes = [], [], [], []
+    with torch.no_grad():
+        for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", enabled=progress, leave=False):
+            x = batch["image"].to(device)
+            fmap = to_nchw(select_output(run_to_layer(net, x, module, stop=True)), layer_grid)
+            if fmap.dim() != 4 or tuple(fmap.shape[2:]) != map_hw:
+                raise ErfLabError(f"layer {layer_name!r} changed its output shape to {list(fmap.shape)} between batches")
+            if pooling == "gap":
+                pooled = fmap.float().mean(dim=(2, 3))
+            else:
+                grid = box_to_grid(batch["box"].to(device), image_hw, map_hw, mapping["stride"], mapping["center0"])
+                pooled = box_pool(fmap.float(), grid)
+            chunks.append(pooled.cpu().numpy().astype(np.float32))
+            labels.append(batch["label"].numpy())
+            bins.append(batch["size_bin"].numpy())
+            indices.append(batch["index"].numpy())
+            boxes.append(batch["box"].numpy())
+    return chunks, labels, bins, indices, boxes
+
+
+def _sizes(dataset: Any, positions: np.ndarray, box: np.ndarray, size_bins: np.ndarray) -> np.ndarray:
+    """Object sizes sqrt(w h): the data set's own where it records them, else the boxes'; NaN without a bin."""
+    ds_sizes = getattr(dataset, "sizes", None)
+    if ds_sizes is not None:
+        sizes = np.asarray(ds_sizes, dtype=np.float64)[positions]
+    else:
+        sizes = np.sqrt(np.clip(box[:, 2], 0, None) * np.clip(box[:, 3], 0, None))
+    return np.where(size_bins >= 0, sizes, np.nan)
+
+
 def extract_features(
-    model: Union[nn.Module, Any],
-    dataset: Any,
-    *,
-    layer: Optional[str] = None,
-    pooling: str = "gap",
-    max_samples: Optional[int] = None,
-    batch_size: int = 64,
-    device: Union[str, torch.device, None] = None,
-    seed: int = 0,
-    progress: bool = True,
+    model: Union[nn.Module, Any], dataset: Any, *, layer: Optional[str] = None, pooling: str = "gap",
+    max_samples: Optional[int] = None, batch_size: int = 64, device: Union[str, torch.device, None] = None,
+    seed: int = 0, progress: bool = True,
 ) -> Features:
     """Pooled features of ``layer`` for the samples of ``dataset``.
 
@@ -371,56 +399,26 @@ def extract_features(
 
     batch_size = static_batch(net) or batch_size  # a torch.export program with a static batch of 1
     loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
-    chunks: List[np.ndarray] = []
-    labels, bins, indices, boxes = [], [], [], []
     try:
-        with torch.no_grad():
-            for batch in loader_bar(loader, desc=f"features {layer_name} ({pooling})", enabled=progress, leave=False):
-                x = batch["image"].to(device)
-                fmap = to_nchw(select_output(run_to_layer(net, x, module, stop=True)), layer_grid)
-                if fmap.dim() != 4 or tuple(fmap.shape[2:]) != map_hw:
-                    raise ErfLabError(f"layer {layer_name!r} changed its output shape to {list(fmap.shape)} between batches")
-                if pooling == "gap":
-                    pooled = fmap.float().mean(dim=(2, 3))
-                else:
-                    grid = box_to_grid(batch["box"].to(device), image_hw, map_hw, mapping["stride"], mapping["center0"])
-                    pooled = box_pool(fmap.float(), grid)
-                chunks.append(pooled.cpu().numpy().astype(np.float32))
-                labels.append(batch["label"].numpy())
-                bins.append(batch["size_bin"].numpy())
-                indices.append(batch["index"].numpy())
-                boxes.append(batch["box"].numpy())
+        chunks, labels, bins, indices, boxes = _pooled_batches(net, loader, module, layer_name, layer_grid, pooling,
+                                                               mapping, image_hw, device, progress)
     finally:
         net.train(was_training)
     features = np.concatenate(chunks)
     if not np.isfinite(features).all():
         bad = int((~np.isfinite(features).all(1)).sum())
         raise ErfLabError(f"{bad} of {len(features)} feature vectors are not finite (NaN/inf in layer {layer_name!r})")
-    box = np.concatenate(boxes).astype(np.float64)
-    ds_sizes = getattr(dataset, "sizes", None)
-    if ds_sizes is not None:
-        sizes = np.asarray(ds_sizes, dtype=np.float64)[positions]
-    else:
-        sizes = np.sqrt(np.clip(box[:, 2], 0, None) * np.clip(box[:, 3], 0, None))
     size_bins = np.concatenate(bins).astype(np.int64)
-    sizes = np.where(size_bins >= 0, sizes, np.nan)
+    sizes = _sizes(dataset, positions, np.concatenate(boxes).astype(np.float64), size_bins)
     meta = {
-        "layer": layer_name,
-        "layer_shape": [int(features.shape[1]), *map_hw],
-        "layer_layout": layer_grid.layout,
-        "prefix_tokens": layer_grid.prefix,
-        "pooling": pooling,
+        "layer": layer_name, "layer_shape": [int(features.shape[1]), *map_hw], "layer_layout": layer_grid.layout,
+        "prefix_tokens": layer_grid.prefix, "pooling": pooling,
         "box_mapping": None if mapping is None else {k: list(v) if isinstance(v, tuple) else v for k, v in mapping.items()},
-        "input_size": [int(example.shape[1]), *image_hw],
-        "data": getattr(dataset, "spec", type(dataset).__name__),
-        "split": getattr(dataset, "split", None),
-        "n_samples": int(len(features)),
-        "n_available": int(n_total),
+        "input_size": [int(example.shape[1]), *image_hw], "data": getattr(dataset, "spec", type(dataset).__name__),
+        "split": getattr(dataset, "split", None), "n_samples": int(len(features)), "n_available": int(n_total),
         "max_samples": max_samples,
         "sampling": "stratified by class x size bin" if max_samples is not None and max_samples < n_total else "all",
-        "seed": seed,
-        "model": model_meta,
-        "versions": versions("scikit-learn", "openTSNE"),
+        "seed": seed, "model": model_meta, "versions": versions("scikit-learn", "openTSNE"),
     }
     return Features(
         features=features,

@@ -61,30 +61,94 @@ def _model_names(models: Sequence[Any], names: Optional[Sequence[str]]) -> List[
     return out
 
 
+def _load_models(models: Sequence[Any], arch: Optional[str], trust: bool) -> List[Any]:
+    """Each model as a :class:`erf_lab.checkpoint.LoadedModel` (paths loaded, modules wrapped)."""
+    import torch
+
+    from erf_lab.checkpoint import LoadedModel, load_model
+
+    loaded: List[LoadedModel] = []
+    for m in models:
+        if isinstance(m, LoadedModel):
+            loaded.append(m)
+        elif isinstance(m, torch.nn.Module):
+            loaded.append(LoadedModel(m.eval(), {}, "module", ""))
+        else:
+            loaded.append(load_model(m, arch=arch, trust=trust))
+    return loaded
+
+
+def _analyse(name: str, lm: Any, ds: Any, lay: Optional[str], t0: float, *, pooling: str, max_samples: Optional[int],
+             batch_size: int, device: Optional[str], seed: int, progress: bool, pca_dim: int, perplexity: float,
+             n_iter: int, backend: str, n_jobs: Optional[int]):
+    """One model: features, t-SNE and scores -> (its :class:`ModelEmbedding`, its score rows, the features)."""
+    from .embedding import embed
+    from .features import extract_features
+    from .scores import score_table
+
+    feats = extract_features(lm, ds, layer=lay, pooling=pooling, max_samples=max_samples, batch_size=batch_size,
+                             device=device, seed=seed, progress=progress)
+    t1 = time.perf_counter()
+    coords, emb_info = embed(feats.features, pca_dim=pca_dim, perplexity=perplexity, n_iter=n_iter, backend=backend,
+                             seed=seed, n_jobs=n_jobs, progress=progress)
+    t2 = time.perf_counter()
+    table, details = score_table(feats.features, coords, feats.labels, feats.size_bins, feats.sizes, model=name,
+                                 n_size_bins=max(2, len(feats.size_bin_edges or []) - 1), seed=seed,
+                                 n_jobs=n_jobs, progress=progress)
+    t3 = time.perf_counter()
+    fmeta = dict(feats.meta)
+    fmeta.pop("versions", None)
+    fmeta["dim"] = int(feats.features.shape[1])
+    model_meta = fmeta.pop("model", {})
+    model_meta.update({"path": lm.path, "kind": lm.kind, "arch": lm.meta.get("arch"),
+                       "arch_kwargs": lm.meta.get("arch_kwargs")})
+    return ModelEmbedding(
+        name=name, coords=coords, labels=feats.labels, size_bins=feats.size_bins, sizes=feats.sizes,
+        indices=feats.indices,
+        meta={"model": model_meta, "features": fmeta, "embedding": emb_info, "scores": details,
+              "seconds": {"features": round(t1 - t0, 3), "embedding": round(t2 - t1, 3), "scores": round(t3 - t2, 3)}},
+    ), table, feats
+
+
+def _layers_for(layer: Union[None, str, Sequence[Optional[str]]], n_models: int) -> List[Optional[str]]:
+    """One layer per model: the same one for all, or one each."""
+    layers = [layer] * n_models if layer is None or isinstance(layer, str) else list(layer)
+    if len(layers) == 1 and n_models > 1:
+        layers = layers * n_models
+    if len(layers) != n_models:
+        raise ErfLabError(f"{len(layers)} layers for {n_models} models: give one layer, or one per model")
+    return layers
+
+
+def _data_for(lm: Any, image_size: Optional[Tuple[int, int]], spec: str, split: str, seed: int, skip_bad: bool,
+              cache: Dict[Tuple[Any, int], Any]) -> Any:
+    """The data set at the model's input size and channels (opened once per size and channel count)."""
+    from erf_lab.checkpoint import infer_input_channels
+    from erf_lab.data import open_data
+    from erf_lab.layers import expected_input_size
+
+    channels = lm.in_channels if hasattr(lm, "in_channels") else infer_input_channels(lm.model)
+    hw = tuple(image_size) if image_size else (tuple(lm.input_size[1:]) if lm.input_size else expected_input_size(lm.model))
+    key = (hw, channels)
+    if key not in cache:
+        cache[key] = open_data(spec, split=split, image_size=hw, channels=channels, seed=seed, skip_bad=skip_bad)
+    return cache[key]
+
+
+def _run_meta(options: Dict[str, Any], seed: int, spec: str, split: str, start: float) -> Dict[str, Any]:
+    return {"options": options, "seed": seed, "data": spec, "split": split,
+            "versions": versions("scikit-learn", "openTSNE"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
 def run_tsne(
-    models: Sequence[Any],
-    *,
-    names: Optional[Sequence[str]] = None,
-    arch: Optional[str] = None,
-    trust: bool = False,
-    layer: Union[None, str, Sequence[Optional[str]]] = None,
-    data: Optional[str] = None,
-    split: str = "test",
-    image_size: Union[None, int, str, Tuple[int, int]] = None,
-    pooling: str = "gap",
-    max_samples: Optional[int] = None,
-    color: Union[str, Sequence[str]] = COLORINGS,
-    perplexity: float = 30.0,
-    n_iter: int = 1000,
-    pca_dim: int = 50,
-    backend: str = "auto",
-    batch_size: int = 64,
-    device: Optional[str] = None,
-    n_jobs: Optional[int] = None,
-    seed: int = 0,
-    out: Optional[PathLike] = None,
-    save_features: bool = False,
-    progress: bool = True,
+    models: Sequence[Any], *, names: Optional[Sequence[str]] = None, arch: Optional[str] = None, trust: bool = False,
+    layer: Union[None, str, Sequence[Optional[str]]] = None, data: Optional[str] = None, split: str = "test",
+    image_size: Union[None, int, Tuple[int, int]] = None, pooling: str = "gap", max_samples: Optional[int] = None,
+    color: Union[str, Sequence[str]] = COLORINGS, perplexity: float = 30.0, n_iter: int = 1000, pca_dim: int = 50,
+    backend: str = "auto", batch_size: int = 64, device: Optional[str] = None, n_jobs: Optional[int] = None,
+    seed: int = 0, out: Optional[PathLike] = None, save_features: bool = False, progress: bool = True,
     skip_bad: bool = False,
 ) -> TSNEResult:
     """Features, t-SNE and scores of each model on the same samples; saved to ``out`` when given.
@@ -97,7 +161,7 @@ def run_tsne(
         layer: one layer name for every model, one per model, or None (last convolutional stage).
         data: ``--data`` spec (default: the first checkpoint's data spec, else ``digits-ms``).
         split: data split.
-        image_size: input side, (H, W) or ``"N[,M]"`` (default: each checkpoint's input size, else the data's).
+        image_size: input side or (H, W) (default: each checkpoint's input size, else the data's).
         pooling: ``"gap"`` or ``"box"`` (see :mod:`analyses.features`).
         max_samples: stratified subsample (class x size bin), the same samples for every model.
         color: colourings drawn, ``"class,size"`` or a sequence.
@@ -116,25 +180,13 @@ def run_tsne(
     Raises:
         ErfLabError: unreadable models, bad layers, data problems, too few samples for the perplexity.
     """
-    import torch
-
-    from erf_lab.checkpoint import LoadedModel, infer_input_channels, load_model
-    from erf_lab.data import open_data
-    from erf_lab.layers import expected_input_size
-
-    from .embedding import embed, min_samples_for
-    from .features import extract_features
-    from .scores import score_table
+    from .embedding import min_samples_for
 
     if not models:
         raise ErfLabError("give at least one model")
     colors = _colors(color)
     model_names = _model_names(models, names)
-    layers = [layer] * len(models) if layer is None or isinstance(layer, str) else list(layer)
-    if len(layers) == 1 and len(models) > 1:
-        layers = layers * len(models)
-    if len(layers) != len(models):
-        raise ErfLabError(f"{len(layers)} layers for {len(models)} models: give one layer, or one per model")
+    layers = _layers_for(layer, len(models))
     if max_samples is not None and max_samples < min_samples_for(perplexity):
         raise ErfLabError(
             f"--max-samples {max_samples} is too few for t-SNE with perplexity {perplexity:g}: it needs at least "
@@ -148,14 +200,7 @@ def run_tsne(
         check_output_dir(out)
     start = time.perf_counter()
 
-    loaded: List[LoadedModel] = []
-    for m in models:  # load every model first: a bad file fails before any long computation
-        if isinstance(m, LoadedModel):
-            loaded.append(m)
-        elif isinstance(m, torch.nn.Module):
-            loaded.append(LoadedModel(m.eval(), {}, "module", ""))
-        else:
-            loaded.append(load_model(m, arch=arch, trust=trust))
+    loaded = _load_models(models, arch, trust)  # every model first: a bad file fails before any long work
     spec = data or next((lm.meta.get("data_spec") for lm in loaded if lm.meta.get("data_spec")), None) or "digits-ms"
     datasets: Dict[Tuple[Any, int], Any] = {}
 
@@ -164,12 +209,7 @@ def run_tsne(
     first_ds = None
     for name, lm, lay in zip(model_names, loaded, layers):
         t0 = time.perf_counter()
-        channels = lm.in_channels if hasattr(lm, "in_channels") else infer_input_channels(lm.model)
-        hw = tuple(image_size) if image_size else (tuple(lm.input_size[1:]) if lm.input_size else expected_input_size(lm.model))
-        key = (hw, channels)
-        if key not in datasets:
-            datasets[key] = open_data(spec, split=split, image_size=hw, channels=channels, seed=seed, skip_bad=skip_bad)
-        ds = datasets[key]
+        ds = _data_for(lm, image_size, spec, split, seed, skip_bad, datasets)
         if first_ds is None:
             first_ds = ds
         if len(ds) < min_samples_for(perplexity):
@@ -177,29 +217,12 @@ def run_tsne(
                 f"data {spec!r} split {split!r} has {len(ds)} samples; t-SNE with perplexity {perplexity:g} needs at "
                 f"least {min_samples_for(perplexity)}: lower --perplexity"
             )
-        feats = extract_features(lm, ds, layer=lay, pooling=pooling, max_samples=max_samples, batch_size=batch_size,
-                                 device=device, seed=seed, progress=progress)
-        t1 = time.perf_counter()
-        coords, emb_info = embed(feats.features, pca_dim=pca_dim, perplexity=perplexity, n_iter=n_iter, backend=backend,
-                                 seed=seed, n_jobs=n_jobs, progress=progress)
-        t2 = time.perf_counter()
-        table, details = score_table(feats.features, coords, feats.labels, feats.size_bins, feats.sizes, model=name,
-                                     n_size_bins=max(2, len(feats.size_bin_edges or []) - 1), seed=seed,
-                                     n_jobs=n_jobs, progress=progress)
-        t3 = time.perf_counter()
+        emb, table, feats = _analyse(name, lm, ds, lay, t0, pooling=pooling, max_samples=max_samples,
+                                     batch_size=batch_size, device=device, seed=seed, progress=progress,
+                                     pca_dim=pca_dim, perplexity=perplexity, n_iter=n_iter, backend=backend,
+                                     n_jobs=n_jobs)
+        results.append(emb)
         tables.append(table)
-        fmeta = dict(feats.meta)
-        fmeta.pop("versions", None)
-        fmeta["dim"] = int(feats.features.shape[1])
-        model_meta = fmeta.pop("model", {})
-        model_meta.update({"path": lm.path, "kind": lm.kind, "arch": lm.meta.get("arch"),
-                           "arch_kwargs": lm.meta.get("arch_kwargs")})
-        results.append(ModelEmbedding(
-            name=name, coords=coords, labels=feats.labels, size_bins=feats.size_bins, sizes=feats.sizes,
-            indices=feats.indices,
-            meta={"model": model_meta, "features": fmeta, "embedding": emb_info, "scores": details,
-                  "seconds": {"features": round(t1 - t0, 3), "embedding": round(t2 - t1, 3), "scores": round(t3 - t2, 3)}},
-        ))
         if save_features and out is not None:
             feats.save(Path(out) / f"features_{safe_name(name)}.npz")
 
@@ -210,9 +233,7 @@ def run_tsne(
                "image_size": list(image_size) if image_size else None, "pooling": pooling, "max_samples": max_samples,
                "color": list(colors), "perplexity": perplexity, "n_iter": n_iter, "pca_dim": pca_dim,
                "backend": backend, "batch_size": batch_size, "device": device, "n_jobs": n_jobs, "seed": seed}
-    meta = {"options": options, "seed": seed, "data": spec, "split": split, "versions": versions("scikit-learn", "openTSNE"),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - start, 3)}
+    meta = _run_meta(options, seed, spec, split, start)
     result = TSNEResult(models=results, scores=pd.concat(tables, ignore_index=True),
                         class_names=list(getattr(first_ds, "class_names", []) or []),
                         size_bin_edges=getattr(first_ds, "size_bin_edges", None), color=colors, meta=meta)

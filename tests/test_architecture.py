@@ -15,8 +15,6 @@ MAX_LINES = 100
 LONG_FUNCTIONS: Dict[str, int] = {
     "dk_ops/triton/kernels.py::image_side_kernel": 107,
     "dk_ops/triton/gpu_check.py::main": 191,
-    "analyses/tsne.py::run_tsne": 158,
-    "analyses/features.py::extract_features": 135,
 }
 
 
