@@ -11,10 +11,11 @@ from typing import Dict, Iterator, List, Set, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("dk_ops", "erf_lab", "analyses", "figures", "cli")  # each may import only those before it
 MAX_LINES = 100
-# Functions allowed past MAX_LINES, at most this long (a ratchet: lower a number, never raise it).
+# Functions allowed past MAX_LINES, at most this long (lower a number, never raise it), each with why.
 LONG_FUNCTIONS: Dict[str, int] = {
+    # One Triton program (@triton.jit): splitting it into jit helpers changes GPU code that has run only
+    # under the interpreter, never on a GPU; it stays whole until a GPU run can check a split.
     "dk_ops/triton/kernels.py::image_side_kernel": 107,
-    "dk_ops/triton/gpu_check.py::main": 191,
 }
 
 
