@@ -27,6 +27,9 @@ import torch.nn as nn
 
 from .errors import ErfLabError
 
+CHECKPOINT_FORMAT = "erf-lab-checkpoint"  # the "format" of the checkpoints erf_lab.train writes
+CHECKPOINT_VERSION = 1
+
 __all__ = ["LoadedModel", "load_model", "build_arch", "infer_input_channels", "ExportedModule"]
 
 TRUST_HELP = (
@@ -222,7 +225,7 @@ def _from_object(obj: Any, arch: Optional[str], arch_kwargs, where: str) -> Load
         return LoadedModel(obj.eval(), {}, "pickle", where)
     if not isinstance(obj, Mapping):
         raise ErfLabError(f"{where} holds a {type(obj).__name__}, not a model, checkpoint or state_dict")
-    if "state_dict" in obj and ("arch" in obj or obj.get("format") == "erf-lab-checkpoint"):
+    if "state_dict" in obj and ("arch" in obj or obj.get("format") == CHECKPOINT_FORMAT):
         meta = {k: v for k, v in obj.items() if k != "state_dict" and "optimizer" not in k and "scheduler" not in k}
         name = arch or obj.get("arch")
         if not isinstance(name, str):

@@ -20,8 +20,8 @@ with Adam at the full rate, one step moves a zero-initialised generator's offset
 ``lr x fan-in`` pixels, so within ten steps DK kernels sample far outside their 4x4 scope
 (an all-zero kernel with zero gradient) and training stalls at chance. By default
 (:data:`OFFSET_LR_MULT`) DK's kernel-offset generators learn at 0.1x and DCN's
-sampling-offset generators at 0.03x: in 3-minute study-net runs DCN stayed at chance at
-0.3x, reached 90.0% and 90.6% at 0.1x and 92.5% at 0.03x.
+sampling-offset generators at 0.03x (docs/experiments.md, *Training defaults*, has the runs
+behind these and the other defaults).
 
 Randomness is seeded per epoch (shuffling, augmentation and the global torch generator are
 reseeded from ``(seed, epoch)``), so ``resume`` after epoch ``k`` gives the same weights as
@@ -53,14 +53,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from .device import resolve_device
 from .errors import ErfLabError
 from .io import atomic_write, check_output_file, dumps, versions, write_json
 from ._layout import resolve_channels_last, to_channels_last
 from .progress import loader_bar, write_line
 
-CHECKPOINT_FORMAT = "erf-lab-checkpoint"
-CHECKPOINT_VERSION = 1
 HOLDOUT_FRACTIONS = (0.8, 0.1)  # train/val of a source without splits; test is the rest
 CURRICULUM_START = 0.45  # the size curriculum's first object-size floor (fraction of the side)
 # progressive resizing: (until this fraction of the run, train at this fraction of the image side)
@@ -257,11 +256,9 @@ class TrainConfig:
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         resume: continue from ``OUT.last.pt`` (or ``OUT``) when it exists.
         lr: peak learning rate (default 6e-3 for AdamW, 0.1 for SGD).
-        batch_size, num_workers: of the training loader; ``num_workers="auto"``: none. A
-            fresh ``digits-ms`` batch renders in about 0.14 ms per image in the training
-            process; on 2 cores a worker process only competes with the training threads
-            (conv study net: 1.0 ms/img with 2 threads and no worker, 1.45 with 1 thread and
-            one worker). Results do not depend on the number of workers.
+        batch_size, num_workers: of the training loader; ``num_workers="auto"``: none (a fresh
+            ``digits-ms`` batch renders in the training process; on 2 cores a worker only
+            competes with the training threads). Results do not depend on the number of workers.
         optimizer: ``adamw`` or ``sgd`` (Nesterov momentum 0.9).
         weight_decay: default 0.05 (AdamW) or 5e-4 (SGD); never on biases and norms.
         warmup_epochs: linear warm-up length, in epochs.
@@ -277,9 +274,7 @@ class TrainConfig:
             a sixth of the run (with ``time_budget_s``: of the epochs the first epoch's duration
             predicts), at most 6 epochs, for architectures registered with the
             ``size_curriculum`` train hint (MobileNetV2) on data that renders on the fly (fresh
-            ``digits-ms``), else 0. Without it MobileNetV2 sat at chance for 6-33 epochs (small
-            objects on textured backgrounds); the study nets leave chance within two epochs and
-            did 1-2 points worse with it in 3-minute runs.
+            ``digits-ms``), else 0.
         time_budget_s: train for this many seconds of wall time (training, per-epoch
             validation and checkpoint writes; ``metrics["train_seconds"]``) instead of a fixed
             number of epochs (:class:`TimeBudget`): the cosine schedule runs over the fraction of
@@ -293,8 +288,7 @@ class TrainConfig:
             30% of the run (fraction of the epochs, or of ``time_budget_s`` when further along),
             at 3/4 until 60%, then at full size. ``"auto"``: :data:`PROGRESSIVE_RESIZE` for
             architectures registered with the ``progressive_resize`` train hint (the study
-            nets), else off. Study nets in 3-minute runs: 6 epochs more (37 vs 31, conv) and
-            92.0% vs 90.6% test accuracy; the small-object bins gain most (docs/experiments.md).
+            nets), else off.
         channels_last: train in channels-last memory format (model and batches). ``"auto"``:
             on CPU for models with 2-D convolutions (:func:`erf_lab._layout.channels_last_pays`:
             oneDNN's convolutions and BatchNorm are faster there; CondConv's 5-D expert bank

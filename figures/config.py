@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from dk_ops.models import OPS as _ZOO_OPS
 from erf_lab.errors import ErfLabError
-
 from erf_lab.io import PathLike, jsonable, write_json
 
 __all__ = ["FiguresConfig", "config_for", "prepare_models", "OPS"]
 
-OPS: Tuple[str, ...] = ("conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn")
+OPS: Tuple[str, ...] = tuple(_ZOO_OPS)  # every operator of the zoo, in its order
 TSNE_OPS: Tuple[str, ...] = ("condconv", "dk", "conv")
 SOURCES = ("shipped", "train")
 MODES = ("quick", "full")

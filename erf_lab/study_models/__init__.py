@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from dk_ops.models import OPS
+
 from ..errors import ErfLabError
 
 __all__ = ["Recipe", "RECIPES", "SHIPPED_DIR", "SUBSET_SIZE", "SPEC_PREFIX", "available", "resolve",
@@ -27,7 +29,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent
 SPEC_PREFIX = "study:"
 SUBSET_SIZE = 300  # the first test images of each model's test split
 # weights (tensors of two or more dimensions) are stored in float16; BatchNorm statistics and biases stay float32
-_STUDY_OPS = ("conv", "dcn", "condconv", "dk_global", "dk", "dk_dcn")
+_STUDY_OPS = tuple(OPS)  # the study net is shipped with every operator of the zoo
 
 
 @dataclass(frozen=True)
