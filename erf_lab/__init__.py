@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "compute_erf": "erf",
+    "compute_erfs": "erf",
     "ERFResult": "erf",
     "ERFOptions": "erf",
     "PRESETS": "erf",

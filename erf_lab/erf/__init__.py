@@ -15,10 +15,10 @@ per-image reduction of the input gradient over colour channels (docs/design.md s
 * :mod:`.engine` -- the model prepared and restored, the batched backward, the accumulation;
 * :mod:`.result` -- :class:`ERFResult`: the float64 map, its metadata, metrics, files and plots.
 """
-from .compute import compute_erf, instance_erf
+from .compute import compute_erf, compute_erfs, instance_erf
 from .memory import CPU_BATCH_PIXELS, auto_batch_size, check_memory
 from .options import OPTION_NAMES, PRESETS, ERFOptions, resolve_options
 from .result import ERFResult
 
-__all__ = ["compute_erf", "instance_erf", "auto_batch_size", "check_memory", "ERFResult", "PRESETS", "ERFOptions",
+__all__ = ["compute_erf", "compute_erfs", "instance_erf", "auto_batch_size", "check_memory", "ERFResult", "PRESETS", "ERFOptions",
            "OPTION_NAMES", "resolve_options", "CPU_BATCH_PIXELS"]

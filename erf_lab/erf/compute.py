@@ -23,7 +23,7 @@ from .options import UNSET, ERFOptions, Settings, resolve_options
 from .result import ERFResult
 from .sampling import Loader, Sampling, open_source
 
-__all__ = ["compute_erf", "instance_erf"]
+__all__ = ["compute_erf", "compute_erfs", "instance_erf"]
 
 
 def compute_erf(
@@ -198,6 +198,15 @@ class _Run:
             # preparation (default layer, geometry, BN folding) and the batched passes (incl. the check)
             "seconds": seconds,
         }
+
+
+def compute_erfs(model: nn.Module, data: Any, units: Sequence[Sequence[int]], **kwargs: Any) -> List[ERFResult]:
+    """The ERFs of several units ``[(y, x), ...]`` of one layer, in one pass over the images: always a
+    list, one :class:`ERFResult` per unit in order (``kwargs``: those of :func:`compute_erf`)."""
+    pairs = [tuple(int(v) for v in u) for u in units]
+    if not pairs or any(len(u) != 2 for u in pairs):
+        raise ErfLabError(f"units must be a non-empty list of (y, x) pairs, got {units!r}")
+    return compute_erf(model, data, unit=pairs, **kwargs)
 
 
 def instance_erf(model: nn.Module, image: Tensor, *, display_image: Optional[np.ndarray] = None, **kwargs) -> ERFResult:

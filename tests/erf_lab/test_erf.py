@@ -192,6 +192,20 @@ def test_several_units_in_one_pass_equal_separate_runs():
         assert res.meta["unit"] == list(u)
 
 
+def test_compute_erfs_always_returns_a_list_in_unit_order():
+    from erf_lab.erf import compute_erfs
+
+    model, images = SmallNet(), torch.randn(3, 3, 24, 24)
+    one = compute_erfs(model, images, [(9, 7)], layer="block", progress=False)
+    assert isinstance(one, list) and len(one) == 1 and one[0].meta["unit"] == [9, 7]
+    single = compute_erf(model, images, layer="block", unit=(9, 7), progress=False)
+    np.testing.assert_array_equal(one[0].map, single.map)  # the same unit, the same crop: the same map
+    two = compute_erfs(model, images, [(2, 2), (9, 7)], layer="block", progress=False)
+    assert [r.meta["unit"] for r in two] == [[2, 2], [9, 7]]
+    with pytest.raises(ErfLabError, match="non-empty list"):
+        compute_erfs(model, images, [], layer="block", progress=False)
+
+
 def test_nonfinite_maps_are_skipped_and_counted():
     class Sqrt(nn.Module):
         def __init__(self):
