@@ -179,6 +179,8 @@ def _cmd_erf(args: argparse.Namespace) -> int:
         asked, held = r0.meta.get("num_images_requested"), r0.meta.get("num_images_available")
         if asked is not None and held is not None and asked > held:
             print(f"note: {asked} images asked for, the data holds {held}: used all {held}")
+        if r0.meta.get("data_note"):
+            print(f"note: {r0.meta['data_note']}", file=sys.stderr)
         if r0.n_skipped:
             print(f"note: {r0.n_skipped} of {r0.n_images + r0.n_skipped} images gave a non-finite map and were "
                   f"left out of the mean")

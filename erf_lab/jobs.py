@@ -3,7 +3,6 @@
 The CLI parses flags and prints; these functions load, compute and write (atomically).
 """
 import contextlib
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -85,8 +84,9 @@ def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num
     except ErfLabError:
         if explicit:
             raise
-        print(f"erf-lab erf: data set {spec!r} unavailable; using noise images", file=sys.stderr)
-        return open_data("noise", **dict(kwargs, num_images=num_images))
+        ds = open_data("noise", **dict(kwargs, num_images=num_images))
+        ds.fallback_note = f"data set {spec!r} unavailable; used noise images"  # the CLI prints it
+        return ds
 
 
 def run_erf(
@@ -170,6 +170,8 @@ def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, i
     for r in results:
         r.meta["model"] = {"path": lm.path, "kind": lm.kind, "arch": lm.meta.get("arch")}
         r.meta["data"] = image if image is not None else getattr(ds, "spec", data)
+        if getattr(ds, "fallback_note", None):
+            r.meta["data_note"] = ds.fallback_note
     if _dist.is_main():
         if len(results) == 1:
             results[0].save(out)
