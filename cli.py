@@ -95,6 +95,19 @@ def _units(text: str) -> Union[str, Tuple[int, int], List[Tuple[int, int]]]:
     return units[0] if len(units) == 1 else units  # type: ignore[return-value]
 
 
+def _names(text: str) -> List[str]:
+    """An argparse type: a comma-separated list of names (``class,size``)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    """An argparse type: a comma-separated list of integers (``0,1,2``)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers erf, rf and layers (erf_lab.jobs does the work)."""
 
@@ -312,7 +325,7 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--pooling", default="gap", choices=["gap", "box"],
                    help="global average pool, or bilinear mean inside each object's box")
     p.add_argument("--max-samples", type=int, metavar="N", help="stratified subsample (class x size bin)")
-    p.add_argument("--color", default="class,size", help="panels: class, size or class,size")
+    p.add_argument("--color", type=_names, default="class,size", help="panels: class, size or class,size")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--iterations", type=int, default=1000, help="t-SNE iterations (the first 250 early exaggeration)")
     p.add_argument("--pca-dim", type=int, default=50, help="PCA dimensions before t-SNE")
@@ -348,7 +361,7 @@ def _add_tsne_commands(sub: "argparse._SubParsersAction", handlers: Handlers) ->
 
     p = sub.add_parser("report", help="rebuild the t-SNE HTML report and figures from saved results")
     p.add_argument("dir", metavar="DIR", help="a directory written by `erf-lab tsne`")
-    p.add_argument("--color", help="panels: class, size or class,size (default: as saved)")
+    p.add_argument("--color", type=_names, help="panels: class, size or class,size (default: as saved)")
 
     def cmd_report(args: argparse.Namespace) -> int:
         from analyses.tsne import rebuild_report
@@ -380,9 +393,9 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
                                                    "names), or OP.pt / OP-seedS.pt for the study net")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (trained models are cached in DIR/models)")
-    p.add_argument("--only", metavar="LIST", help="comma-separated subset of: theory,accuracy,erf,tsne,offsets")
+    p.add_argument("--only", type=_names, metavar="LIST", help="comma-separated subset of: theory,accuracy,erf,tsne,offsets")
     p.add_argument("--epochs", type=int, help="override the mode's training epochs")
-    p.add_argument("--seeds", metavar="LIST", help="override the mode's training seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", type=_ints, metavar="LIST", help="override the mode's training seeds, e.g. 0,1,2")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="train N models at once on the CPU, each with CPUs/N threads (default 1; on small "
                         "networks N = CPUs is fastest)")
@@ -392,10 +405,9 @@ def _add_figures_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
     def cmd_figures(args: argparse.Namespace) -> int:
         from figures import run_figures
 
-        seeds = None if args.seeds is None else tuple(int(s) for s in args.seeds.split(",") if s.strip())
-        only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+        seeds = None if args.seeds is None else tuple(args.seeds)
         run = run_figures(args.out, mode=args.mode, data=args.data, models_dir=args.models, device=args.device,
-                          only=only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds,
+                          only=args.only, progress=not args.no_progress, epochs=args.epochs, seeds=seeds,
                           retrain=args.retrain, jobs=args.jobs)
         for r in run["results"]:
             if not r.effects:

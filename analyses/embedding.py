@@ -70,7 +70,7 @@ def _check(n: int, perplexity: float, n_iter: int) -> None:
     if n < min_samples_for(perplexity):
         raise ErfLabError(
             f"t-SNE with perplexity {perplexity:g} needs at least {min_samples_for(perplexity)} samples "
-            f"(3 x perplexity + 2), got {n}: lower --perplexity or use more samples"
+            f"(3 x perplexity + 2), got {n}: lower perplexity (--perplexity) or use more samples"
         )
     if n_iter < MIN_ITER:
         raise ErfLabError(f"t-SNE needs at least {MIN_ITER} iterations (the early-exaggeration phase), got {n_iter}")

@@ -38,10 +38,11 @@ def rebuild_report(directory: PathLike, color: Optional[Sequence[str]] = None) -
 
 
 def _colors(color: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    items = [c.strip() for c in (color.split(",") if isinstance(color, str) else color) if c.strip()]
+    """The colourings to draw: one name of :data:`COLORINGS` or a sequence of them."""
+    items = [color] if isinstance(color, str) else list(color)
     bad = [c for c in items if c not in COLORINGS]
     if not items or bad:
-        raise ErfLabError(f"--color takes a comma-separated list of {', '.join(COLORINGS)}, got {color!r}")
+        raise ErfLabError(f"color (--color) takes one or more of {', '.join(COLORINGS)}, got {color!r}")
     return tuple(dict.fromkeys(items))
 
 
@@ -189,8 +190,8 @@ def run_tsne(
     layers = _layers_for(layer, len(models))
     if max_samples is not None and max_samples < min_samples_for(perplexity):
         raise ErfLabError(
-            f"--max-samples {max_samples} is too few for t-SNE with perplexity {perplexity:g}: it needs at least "
-            f"{min_samples_for(perplexity)} samples (3 x perplexity + 2); lower --perplexity or raise --max-samples"
+            f"max_samples={max_samples} (--max-samples) is too few for t-SNE with perplexity {perplexity:g}: it needs "
+            f"at least {min_samples_for(perplexity)} samples (3 x perplexity + 2); lower perplexity or raise max_samples"
         )
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
@@ -215,7 +216,7 @@ def run_tsne(
         if len(ds) < min_samples_for(perplexity):
             raise ErfLabError(
                 f"data {spec!r} split {split!r} has {len(ds)} samples; t-SNE with perplexity {perplexity:g} needs at "
-                f"least {min_samples_for(perplexity)}: lower --perplexity"
+                f"least {min_samples_for(perplexity)}: lower perplexity (--perplexity)"
             )
         emb, table, feats = _analyse(name, lm, ds, lay, t0, pooling=pooling, max_samples=max_samples,
                                      batch_size=batch_size, device=device, seed=seed, progress=progress,

@@ -91,7 +91,7 @@ def build_arch(arch: str, arch_kwargs: Optional[Mapping[str, Any]] = None) -> nn
             import torchvision
         except Exception as exc:  # noqa: BLE001 - a broken install is as good as a missing one
             raise ErfLabError(
-                f"--arch {arch} needs torchvision, which is not importable here ({type(exc).__name__}); "
+                f"arch {arch!r} (--arch) needs torchvision, which is not importable here ({type(exc).__name__}); "
                 "install the torchvision build that matches your torch"
             ) from exc
         try:
@@ -104,7 +104,7 @@ def build_arch(arch: str, arch_kwargs: Optional[Mapping[str, Any]] = None) -> nn
             import timm
         except Exception as exc:  # noqa: BLE001
             raise ErfLabError(
-                f"--arch {arch} needs timm, which is not importable here ({type(exc).__name__}); pip install timm"
+                f"arch {arch!r} (--arch) needs timm, which is not importable here ({type(exc).__name__}); pip install timm"
             ) from exc
         try:
             return timm.create_model(name, pretrained=False, **kw)

@@ -173,14 +173,14 @@ def prepare_models(config: FiguresConfig, out_dir: PathLike, *, models_dir: Opti
     if models_dir is not None:
         md = Path(models_dir)
         if not md.is_dir():
-            raise ErfLabError(f"--models {md}: not a folder")
+            raise ErfLabError(f"models_dir {md} (--models): not a folder")
         for op in ops:
             paths = [p for p in (_user_checkpoint(md, arch, op, s, tsne) for s in seeds) if p is not None]
             if paths:
                 out[op] = paths
         if not out:
             names = f"{arch}-OP-sSEED.pt" + ("" if tsne else " or OP.pt / OP-seedS.pt")
-            raise ErfLabError(f"--models {md}: no checkpoint named {names} for OP in {', '.join(ops)}")
+            raise ErfLabError(f"models_dir {md} (--models): no checkpoint named {names} for OP in {', '.join(ops)}")
         return out
     if config.source == "shipped":
         return _shipped(arch, ops, seeds, notes)

@@ -165,7 +165,7 @@ class CocoObjects(SampleDataset):
         missing = [p for p in unique if not os.path.isfile(p)]
         if missing and not skip_bad:
             raise ErfLabError(f"{missing[0]}: image file not found ({len(missing)} of {len(unique)} referenced by "
-                              f"{ann_path} are missing); check IMAGES_DIR, or pass --skip-bad")
+                              f"{ann_path} are missing); check IMAGES_DIR, or pass skip_bad=True (--skip-bad)")
         if missing:
             warnings.warn(f"erf-lab: skipped the objects of {len(missing)} missing image file(s) (first: {missing[0]})")
         present = [p for p in unique if p not in set(missing)]

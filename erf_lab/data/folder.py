@@ -68,7 +68,7 @@ class ImageFolderData(SampleDataset):
             else:
                 raise ErfLabError(
                     f"{root}: has split sub-folders ({', '.join(split_dirs)}) but no {split!r} sub-folder; "
-                    f"choose one of them or point --data at a class folder"
+                    f"choose one of them or point data (--data) at a class folder"
                 )
             scans = {s: scan_folder(os.path.join(root, s)) for s in split_dirs}
         else:

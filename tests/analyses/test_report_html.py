@@ -170,13 +170,13 @@ def test_cli_too_few_samples_for_perplexity_is_one_line(tmp_path, capsys):
     rc = cli.main(["tsne", "--model", str(ckpt), "--max-samples", "50", "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 2
     line = _one_line(capsys.readouterr().err)
-    assert "--max-samples 50 is too few for t-SNE with perplexity 30" in line and "at least 92" in line
+    assert "max_samples=50 (--max-samples) is too few for t-SNE with perplexity 30" in line and "at least 92" in line
 
 
 def test_cli_bad_color_and_missing_report(tmp_path, capsys):
     ckpt = _study_checkpoint(tmp_path / "m.pt", 0)
     assert cli.main(["tsne", "--model", str(ckpt), "--color", "shape", "--no-progress"]) == 2
-    assert "--color takes a comma-separated list of class, size" in _one_line(capsys.readouterr().err)
+    assert "color (--color) takes one or more of class, size, got ['shape']" in _one_line(capsys.readouterr().err)
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "holds no report.json" in _one_line(capsys.readouterr().err)
 
