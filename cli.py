@@ -108,6 +108,19 @@ def _ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _resize_steps(text: str) -> Union[str, List[List[float]]]:
+    """An argparse type: ``auto``, ``off`` or ``UNTIL:SCALE[,UNTIL:SCALE...]`` (``[[until, scale], ...]``)."""
+    if text in ("auto", "off", "none"):
+        return text
+    try:
+        steps = [[float(v) for v in part.split(":")] for part in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or any(len(step) != 2 for step in steps):
+        raise argparse.ArgumentTypeError(f"expected auto, off or UNTIL:SCALE[,UNTIL:SCALE...], got {text!r}")
+    return steps
+
+
 def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers erf, rf and layers (erf_lab.jobs does the work)."""
 
@@ -271,7 +284,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
     p.add_argument("--size-curriculum-epochs", type=_or_auto(0), default="auto", metavar="E",
                    help="digits-ms: large objects first, the full size range from epoch E+1 "
                         "(default auto: a sixth of the epochs, at most 6, for mobilenet_v2; 0: off)")
-    p.add_argument("--progressive-resize", default="auto", metavar="auto|off|UNTIL:SCALE,...",
+    p.add_argument("--progressive-resize", type=_resize_steps, default="auto", metavar="auto|off|UNTIL:SCALE,...",
                    help="train on downscaled images early on: e.g. 0.3:0.5,0.6:0.75 (half size for the first "
                         "30%% of the run, 3/4 until 60%%; default auto: that, for study_net)")
     p.add_argument("--image-size", type=int, help="square side of the images (default: the data set's)")

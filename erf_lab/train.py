@@ -193,7 +193,8 @@ def resize_schedule(spec: Union[str, None, Sequence[Sequence[float]]], arch: Opt
 
     ``"auto"``: :data:`PROGRESSIVE_RESIZE` for architectures registered with the
     ``progressive_resize`` train hint (the study nets; :func:`dk_ops.models.train_hints`), else
-    off. A string ``"0.3:0.5,0.6:0.75"`` reads as two steps."""
+    off. Steps are ``(until, scale)`` pairs (``erf-lab train --progressive-resize 0.3:0.5,0.6:0.75``
+    reads as two)."""
     from dk_ops.models import train_hints
 
     if spec is None or spec in ("off", "none", ""):
@@ -202,10 +203,10 @@ def resize_schedule(spec: Union[str, None, Sequence[Sequence[float]]], arch: Opt
         return PROGRESSIVE_RESIZE if arch and train_hints(arch)["progressive_resize"] else ()
     try:
         if isinstance(spec, str):
-            spec = [part.split(":") for part in spec.split(",")]
+            raise TypeError(spec)
         steps = tuple((float(until), float(scale)) for until, scale in spec)
     except (TypeError, ValueError):
-        raise ErfLabError(f"progressive resize must be auto, off or UNTIL:SCALE[,UNTIL:SCALE...], got {spec!r}") from None
+        raise ErfLabError(f"progressive resize must be 'auto', 'off' or (until, scale) steps, got {spec!r}") from None
     untils = [u for u, _ in steps]
     if not steps or untils != sorted(set(untils)) or not all(0 < u <= 1 and 0 < sc <= 1 for u, sc in steps):
         raise ErfLabError("progressive resize steps need increasing fractions of the run in (0, 1] and "

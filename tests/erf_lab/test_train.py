@@ -288,15 +288,25 @@ def test_cli_train_and_resume(tmp_path, capsys):
 
 
 def test_resize_schedule_and_training_resolution():
-    """Parsing and the step function, checked against the documented schedule by hand."""
-    steps = erf_train.resize_schedule("0.3:0.5,0.6:0.75")
+    """Parsing (the CLI's), validation and the step function, checked against the documented schedule by hand."""
+    import argparse
+
+    import cli
+
+    steps = erf_train.resize_schedule(cli._resize_steps("0.3:0.5,0.6:0.75"))
     assert steps == ((0.3, 0.5), (0.6, 0.75)) == erf_train.resize_schedule([[0.3, 0.5], [0.6, 0.75]])
     assert erf_train.resize_schedule("auto", "study_net") == erf_train.PROGRESSIVE_RESIZE
     assert erf_train.resize_schedule("auto", "mobilenet_v2") == ()
     assert erf_train.resize_schedule("off") == erf_train.resize_schedule(None) == ()
     for bad in ("0.6:0.5,0.3:0.75", "0.3:0.5,0.3:0.75", "1.5:0.5", "0.5:0", "0.5", "x:y", [[0.5]]):
         with pytest.raises(ErfLabError, match="progressive resize"):
-            erf_train.resize_schedule(bad)
+            erf_train.resize_schedule(bad)  # the library takes steps, never strings
+    for bad in ("0.6:0.5,0.3:0.75", "0.3:0.5,0.3:0.75", "1.5:0.5", "0.5:0"):  # steps, refused by the library
+        with pytest.raises(ErfLabError, match="progressive resize"):
+            erf_train.resize_schedule(cli._resize_steps(bad))
+    for bad in ("0.5", "x:y", "0.3:0.5,"):  # not steps: the CLI's usage error
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli._resize_steps(bad)
     res = [erf_train.train_resolution(p, steps, (64, 64)) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)]
     assert res == [(32, 32), (32, 32), (48, 48), (48, 48), (64, 64), (64, 64)]
     # sides round to multiples of 8 px (60 * 0.5 = 30 -> 32; 44 * 0.75 = 33 -> 32), at least 8
