@@ -72,6 +72,8 @@ def _load_image(path: str, size: Tuple[int, int], channels: int, meta: Dict[str,
 
 def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int,
                   skip_bad: bool = False):
+    """(data set, note): the test split of ``spec`` (default: the checkpoint's data, else digits-ms);
+    when that default cannot be opened, noise images with a note saying so."""
     from .data import open_data
 
     explicit = spec is not None
@@ -80,13 +82,12 @@ def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num
     if spec == "noise":
         kwargs["num_images"] = num_images
     try:
-        return open_data(spec, **kwargs)
+        return open_data(spec, **kwargs), None
     except ErfLabError:
         if explicit:
             raise
-        ds = open_data("noise", **dict(kwargs, num_images=num_images))
-        ds.fallback_note = f"data set {spec!r} unavailable; used noise images"  # the CLI prints it
-        return ds
+        note = f"data set {spec!r} unavailable; used noise images"
+        return open_data("noise", **dict(kwargs, num_images=num_images)), note
 
 
 def run_erf(
@@ -158,20 +159,20 @@ def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, i
     c, h, w = input_size_for(lm, size)
     check_memory(lm.model, (c, h, w), layer, device)  # before any image of that size exists
     common = dict(layer=layer, unit=unit, preset=preset, device=device, seed=seed, **options)
-    ds = None
+    ds, note = None, None
     if image is not None:
         x, display = _load_image(image, (h, w), c, lm.meta)
         result = instance_erf(lm.model, x, display_image=display, **common)
     else:
-        ds = _open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
+        ds, note = _open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
                            c, num_images, seed, skip_bad)
         result = compute_erf(lm.model, ds, num_images=num_images, batch_size=batch_size, progress=progress, **common)
     results = result if isinstance(result, list) else [result]
     for r in results:
         r.meta["model"] = {"path": lm.path, "kind": lm.kind, "arch": lm.meta.get("arch")}
         r.meta["data"] = image if image is not None else getattr(ds, "spec", data)
-        if getattr(ds, "fallback_note", None):
-            r.meta["data_note"] = ds.fallback_note
+        if note:
+            r.meta["data_note"] = note  # the CLI prints it
     if _dist.is_main():
         if len(results) == 1:
             results[0].save(out)

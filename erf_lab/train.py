@@ -412,12 +412,11 @@ def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
 class _Run:
     """One training run's state: data, model, optimizer, schedule, clock and metrics."""
 
-    def __init__(self, arch: str, op: str, data_spec: str, epochs: int, cfg: TrainConfig, paths: Dict[str, Path],
-                 state: Optional[Dict[str, Any]]) -> None:
+    def __init__(self, arch: str, op: str, data_spec: str, epochs: int, cfg: TrainConfig, dev: torch.device,
+                 paths: Dict[str, Path], state: Optional[Dict[str, Any]]) -> None:
         from dk_ops import models
 
-        self.arch, self.data_spec, self.epochs, self.cfg, self.paths = arch, data_spec, epochs, cfg, paths
-        self.dev = resolve_device(cfg.device)
+        self.arch, self.data_spec, self.epochs, self.cfg, self.paths, self.dev = arch, data_spec, epochs, cfg, paths, dev
         self.base, self.sets = training_splits(data_spec, cfg.image_size, cfg.channels, cfg.seed, cfg.max_train_images,
                                                cfg.max_eval_images, cfg.skip_bad)
         self.workers = 0 if cfg.num_workers == "auto" else cfg.num_workers
@@ -628,7 +627,7 @@ def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: Opt
         epochs = 10 if cfg.time_budget_s is None else 1000
     if epochs < 1:
         raise ErfLabError(f"epochs must be >= 1, got {epochs}")
-    resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
+    dev = resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
     paths = companion_paths(out_path)
     for p in paths.values():  # before any work: an unwritable output fails now, not after training
         check_output_file(p)
@@ -636,7 +635,7 @@ def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: Opt
     if state is not None and (state["arch"], state["arch_kwargs"].get("op"), state["data_spec"]) != (arch, op, data_spec):
         raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "
                           f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another output file")
-    run = _Run(arch, op, data_spec, epochs, cfg, paths, state)
+    run = _Run(arch, op, data_spec, epochs, cfg, dev, paths, state)
     for epoch in range(run.start_epoch, epochs):
         if run.clock.stop_before_epoch(len(run.metrics["history"])):
             run.metrics["stopped_by_time_budget"] = True

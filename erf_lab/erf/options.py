@@ -5,16 +5,16 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import ErfLabError
+from ..layers import LAYOUTS as LAYER_LAYOUTS
 
 __all__ = ["ERFOptions", "PRESETS", "OPTION_NAMES", "OPTION_CHOICES", "UNSET", "resolve_options", "Settings",
-           "BACKENDS", "CENTER_MODES", "SAMPLINGS", "LAYOUTS"]
+           "BACKENDS", "CENTER_MODES", "LAYOUTS"]
 
 UNSET: Any = object()  # "not given": the preset's choice stands
 
 BACKENDS = ("engine", "captum")
 CENTER_MODES = ("rf", "array")
-SAMPLINGS = ("random", "stratified", "first")
-LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+LAYOUTS = ("auto",) + LAYER_LAYOUTS  # "auto": detected (erf_lab.layers.spatial_grid)
 
 
 # the values each ERFOptions field takes (the CLI's --target-rectify ... flags read them)
