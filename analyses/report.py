@@ -4,12 +4,12 @@ The figures use matplotlib's object API on an Agg canvas (no pyplot state, no di
 needed). The HTML page embeds every PNG as a ``data:`` URI and has no scripts, styles or
 fonts from elsewhere: one file that can be mailed or archived.
 """
-import base64
 import html
-import io
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from erf_lab.html import figure_png, img_tag, page, table
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -100,29 +100,6 @@ def plot_embedding(
     return fig
 
 
-def figure_png(fig: "Figure", dpi: int = 100) -> bytes:
-    """PNG bytes of a matplotlib figure (Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .6em 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
-th { background: #f4f4f4; } td.l, th.l { text-align: left; }
-img { max-width: 100%; height: auto; display: block; margin: .4em 0 1.2em; }
-pre { background: #f7f7f7; padding: 1em; overflow: auto; font-size: 12px; max-height: 40em; }
-.muted { color: #666; } dl { display: grid; grid-template-columns: max-content auto; gap: .1em 1em; }
-dt { font-weight: 600; } dd { margin: 0; }
-"""
-
 _SCORE_HELP = [
     ("kNN acc", "accuracy of a 10-nearest-neighbour vote in 5-fold stratified cross-validation; read it against "
                 "<em>chance</em>, the accuracy of always answering the most frequent label"),
@@ -134,24 +111,6 @@ _SCORE_HELP = [
     ("size|class", "size bins recomputed inside each class and scored per class (weighted mean): the size effect "
                    "that a class/size correlation in the data cannot fake"),
 ]
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, (float, np.floating)):
-        return "&ndash;" if not np.isfinite(v) else f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
-    th = "".join(f'<th class="l">{html.escape(h)}</th>' if i < left else f"<th>{html.escape(h)}</th>"
-                 for i, h in enumerate(header))
-    body = []
-    for r in rows:
-        cells = "".join(f'<td class="l">{_fmt(v)}</td>' if i < left else f"<td>{_fmt(v)}</td>" for i, v in enumerate(r))
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _summary_rows(result: "TSNEResult") -> List[List[Any]]:
@@ -197,21 +156,16 @@ def render_html(result: "TSNEResult", pngs: Dict[str, bytes], title: str = "erf-
         "created": meta.get("created", "?"),
     }
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
         '<p class="muted">t-SNE projections of pooled features, coloured by class and by object box size '
         "(Gao et al., Deformable Kernels, ICLR 2020, section 5.3), with the scores that back the pictures.</p>",
         "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in overview.items()) + "</dl>",
         "<h2>Summary: kNN accuracy</h2>",
-        _table(["model", "class: features", "class: t-SNE", "class: chance", "size: features", "size: t-SNE",
+        table(["model", "class: features", "class: t-SNE", "class: chance", "size: features", "size: t-SNE",
                 "size: chance", "size|class: features", "size|class: t-SNE", "size|class: chance", "trustworthiness"],
                _summary_rows(result)),
         "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in _SCORE_HELP) + "</dl>",
         "<h2>All scores</h2>",
-        _table(["model", "labels", "space", "n", "labels (#)", "kNN acc", "chance", "silhouette", "AMI",
+        table(["model", "labels", "space", "n", "labels (#)", "kNN acc", "chance", "silhouette", "AMI",
                 "trustworthiness"], result.scores.values.tolist(), left=3),
         "<h2>Projections</h2>",
     ]
@@ -219,17 +173,7 @@ def render_html(result: "TSNEResult", pngs: Dict[str, bytes], title: str = "erf-
         png = pngs.get(m.name)
         if png is None:
             continue
-        w, h = _png_size(png)
-        src = base64.b64encode(png).decode("ascii")
         parts.append(f"<h3>{html.escape(m.name)}</h3>")
-        parts.append(f'<img src="data:image/png;base64,{src}" width="{w}" height="{h}" '
-                     f'alt="t-SNE of {html.escape(m.name)}">')
-    parts += ["<h2>Metadata</h2>", f"<pre>{html.escape(dumps(result.to_json()))}</pre>", "</body></html>"]
-    return "\n".join(parts) + "\n"
-
-
-def _png_size(png: bytes) -> tuple:
-    """(width, height) from a PNG's IHDR chunk."""
-    if png[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG")
-    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        parts.append(img_tag(png, f"t-SNE of {m.name}"))
+    parts += ["<h2>Metadata</h2>", f"<pre>{html.escape(dumps(result.to_json()))}</pre>"]
+    return page(title, parts)

@@ -14,7 +14,7 @@ from . import distributed as _dist
 from .checkpoint import LoadedModel, build_arch, load_model
 from .errors import ErfLabError
 
-__all__ = ["run_erf", "rf_table", "layers_table", "model_for", "input_size_for", "output_folder"]
+__all__ = ["run_erf", "open_dataset", "rf_table", "layers_table", "model_for", "input_size_for", "output_folder"]
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -70,7 +70,7 @@ def _load_image(path: str, size: Tuple[int, int], channels: int, meta: Dict[str,
     return x, arr
 
 
-def _open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int,
+def open_dataset(spec: Optional[str], lm: LoadedModel, size, channels: int, num_images, seed: int,
                   skip_bad: bool = False):
     """(data set, note): the test split of ``spec`` (default: the checkpoint's data, else digits-ms);
     when that default cannot be opened, noise images with a note saying so."""
@@ -164,7 +164,7 @@ def _run_erf(model, arch, trust, layer, unit, preset, data, image, num_images, i
         x, display = _load_image(image, (h, w), c, lm.meta)
         result = instance_erf(lm.model, x, display_image=display, **common)
     else:
-        ds, note = _open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
+        ds, note = open_dataset(data, lm, (h, w) if (size or lm.input_size or data == "noise" or data is None) else None,
                            c, num_images, seed, skip_bad)
         result = compute_erf(lm.model, ds, num_images=num_images, batch_size=batch_size, progress=progress, **common)
     results = result if isinstance(result, list) else [result]

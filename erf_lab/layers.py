@@ -25,7 +25,7 @@ import difflib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .errors import ErfLabError
 
-__all__ = ["get_layer", "run_to_layer", "select_output", "unit_activation", "hook_all", "LAYOUTS", "LayerGrid", "DefaultLayer", "spatial_grid", "output_grid", "to_nchw", "default_layer",
+__all__ = ["get_layer", "run_to_layer", "run_to_layers", "stage_layers", "spatial_depth", "select_output", "unit_activation", "hook_all", "LAYOUTS", "LayerGrid", "DefaultLayer", "spatial_grid", "output_grid", "to_nchw", "default_layer",
            "expected_input_size", "probe_size", "output_module", "check_input_size", "static_batch"]
 
 # ---- finding a layer, running to it, reading its output -------------------------------------
@@ -134,6 +134,38 @@ def run_to_layer(model: nn.Module, x: Tensor, layer: Optional[nn.Module], stop: 
     if not box:
         raise ErfLabError(f"layer {type(layer).__name__} did not run in the model's forward")
     return box[0]
+
+
+def run_to_layers(model: nn.Module, x: Tensor, layers: Sequence[nn.Module], stop: bool = True) -> List[Any]:
+    """Runs ``model(x)`` once and returns the output of each of ``layers`` (in the order given); with
+    ``stop`` the forward ends as soon as every one of them has run."""
+    box: Dict[int, Any] = {}
+    wanted = {id(m) for m in layers}
+
+    def hook(module, inputs, output):
+        box.setdefault(id(module), output)
+        if stop and len(box) == len(wanted):
+            raise _Stop
+
+    handles = []
+    try:
+        for m in {id(m): m for m in layers}.values():
+            try:
+                handles.append(m.register_forward_hook(hook))
+            except (RuntimeError, AttributeError) as exc:  # ScriptModules take no Python hooks
+                raise ErfLabError(f"cannot hook layer {type(m).__name__} ({exc}); for TorchScript models only "
+                                  "the model output (no --layer) is supported") from exc
+        try:
+            model(x)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [type(m).__name__ for m in layers if id(m) not in box]
+    if missing:
+        raise ErfLabError(f"layer {missing[0]} did not run in the model's forward")
+    return [box[id(m)] for m in layers]
 
 
 def unit_activation(y: Tensor, layout: str, units: Sequence[Tuple[int, int]], grid_w: int, prefix: int) -> Tensor:
@@ -385,3 +417,77 @@ def probe_size(model: nn.Module, hw: Tuple[int, int], longest: int = 256) -> Tup
         return hw
     s = longest / max(hw)
     return tuple(max(32, int(round(v * s / 32)) * 32) for v in hw)
+
+
+# ---- stages and depth: the axes of a growth curve -------------------------------------------
+def _kernel(m: nn.Module) -> int:
+    """Pixels of a module's spatial window (``kernel_size`` product; 1 for none)."""
+    k = getattr(m, "kernel_size", None)
+    if k is None:
+        return 1
+    k = (k, k) if isinstance(k, int) else tuple(k)
+    return int(math.prod(int(v) for v in k))
+
+
+def stage_layers(model: nn.Module, example: Tensor) -> List[DefaultLayer]:
+    """Each stage's output, in forward order: the last-spatial-layer rule of :func:`default_layer`
+    applied per output grid. Modules are taken at one depth of the module tree (dots in the name):
+    the depth whose spatial outputs show the most distinct grids (the shallowest on a tie); for
+    each grid, the last module of that depth to finish with it is the stage's output.
+
+    Raises:
+        ErfLabError: no layer outputs a spatial map (one line).
+    """
+    if example.dim() == 3:
+        example = example.unsqueeze(0)
+    hw = (int(example.shape[-2]), int(example.shape[-1]))
+    features = getattr(model, "forward_features", None)
+    outputs, _ = _record_outputs(model, lambda: features(example) if callable(features) else model(example))
+    spatial = []
+    for name, m, out in outputs:
+        g = spatial_grid(out, hw, model)
+        if g is not None and g.cells > 1 and not isinstance(m, nn.Identity):
+            spatial.append((name, g))
+    if not spatial:
+        raise ErfLabError(f"{type(model).__name__} has no layer with a spatial map or token grid "
+                          f"for a {hw[0]}x{hw[1]} input: give the layers")
+    best: List[Tuple[str, LayerGrid]] = []
+    for depth in sorted({n.count(".") for n, _ in spatial}):
+        level = [(n, g) for n, g in spatial if n.count(".") == depth]
+        if len({g.grid for _, g in level}) > len({g.grid for _, g in best}):
+            best = level
+    last: Dict[Tuple[int, int], Tuple[int, str, LayerGrid]] = {}
+    for i, (n, g) in enumerate(best):
+        last[g.grid] = (i, n, g)
+    # a container whose output is its last block's (layer1 for layer1.2) names the stage
+    output_of = {n: o for n, _, o in outputs}
+    # (in-place ops share a tensor too: of equal depth, the last to finish, which saw every change)
+    alias = {n: min(((a.count("."), -i), a) for i, (a, _, o) in enumerate(outputs) if o is output_of[n])[1]
+             for _, n, _ in last.values()}
+    last = {k: (i, alias[n], g) for k, (i, n, g) in last.items()}
+    return [DefaultLayer(n, g, f"the output of stage {k + 1} ({n}, {g.grid[0]}x{g.grid[1]} {g.layout})")
+            for k, (_, n, g) in enumerate(sorted(last.values(), key=lambda t: t[0]))]
+
+
+def spatial_depth(model: nn.Module, example: Tensor, layers: Sequence[Optional[str]]) -> Dict[Optional[str], int]:
+    """How many spatial windows (modules with a kernel larger than 1x1, the outermost where they
+    nest) run in a forward of ``example`` up to the end of each of ``layers``: the depth a growth
+    curve plots ERF size against (None: the model output)."""
+    if example.dim() == 3:
+        example = example.unsqueeze(0)
+    names = [n for n, m in model.named_modules() if n and _kernel(m) > 1]
+    outer = {n for n in names if not any(n.startswith(a + ".") for a in names)}
+    count, depth = [0], {}
+    wanted = set(layers)
+
+    def record(name, mod, out):
+        if name in outer:
+            count[0] += 1
+        if name in wanted:
+            depth[name] = count[0]
+
+    with hook_all(model, record), torch.no_grad():
+        model(example)
+    if None in wanted or "" in wanted:
+        depth[None] = depth[""] = count[0]
+    return {layer: depth.get(layer, 0) for layer in layers}

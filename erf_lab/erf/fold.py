@@ -9,7 +9,7 @@ target layer is the conv, the BN, or any module whose output is the conv's raw o
 carries hooks or parametrisations; a module is called more than once; the BN uses batch statistics.
 """
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -29,13 +29,15 @@ def _plain(m: nn.Module) -> bool:
                 or getattr(m, "_backward_pre_hooks", None) or parametrize.is_parametrized(m))
 
 
-def _pairs(graph: Any, layer: Optional[str]) -> List[Tuple[str, str]]:
-    """(conv name, bn name) pairs that can be folded without changing anything the run observes."""
+def _pairs(graph: Any, layers: Sequence[Optional[str]]) -> List[Tuple[str, str]]:
+    """(conv name, bn name) pairs that can be folded without changing anything the run observes
+    at any of ``layers``."""
     modules = dict(graph.gm.named_modules())
     protected = set()
-    target = graph.module_outputs.get(layer) if layer not in (None, "") else None
-    if _node(target) is not None:
-        protected.add(_node(target))
+    for layer in layers:
+        target = graph.module_outputs.get(layer) if layer not in (None, "") else None
+        if _node(target) is not None:
+            protected.add(_node(target))
     pairs = []
     for node in graph.gm.graph.nodes:
         if node.op != "call_module":
@@ -51,7 +53,7 @@ def _pairs(graph: Any, layer: Optional[str]) -> List[Tuple[str, str]]:
             continue
         if graph.module_calls.get(src.target, 0) != 1 or graph.module_calls.get(node.target, 0) != 1:
             continue
-        if layer in (src.target, node.target) or not (_plain(conv) and _plain(bn)):
+        if src.target in layers or node.target in layers or not (_plain(conv) and _plain(bn)):
             continue
         if conv.weight.dtype != bn.running_mean.dtype or conv.out_channels != bn.num_features:
             continue
@@ -65,15 +67,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @contextmanager
-def fold_batchnorm(model: nn.Module, graph: Any, layer: Optional[str]) -> Iterator[int]:
+def fold_batchnorm(model: nn.Module, graph: Any, layer: Union[Optional[str], Sequence[Optional[str]]]) -> Iterator[int]:
     """Within the block, every foldable (Conv2d, eval BatchNorm2d) pair of ``model`` is one
-    Conv2d with a bias and an ``nn.Identity``; yields the number of pairs folded."""
+    Conv2d with a bias and an ``nn.Identity``; yields the number of pairs folded. ``layer``: the
+    target layer, or a list of them (each protected as the module docstring says)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     swapped = []
     try:
         if graph is not None:
-            for conv_name, bn_name in _pairs(graph, layer):
+            layers = [layer] if layer is None or isinstance(layer, str) else list(layer)
+            for conv_name, bn_name in _pairs(graph, layers):
                 conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
                 with torch.no_grad():
                     fused = fuse_conv_bn_eval(conv, bn)

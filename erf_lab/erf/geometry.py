@@ -37,8 +37,10 @@ def _nearest(c0: float, jump: float, n: int, target: float) -> int:
     return lo if abs(c0 + lo * jump - target) <= abs(c0 + hi * jump - target) else hi
 
 
-def geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: Tensor) -> Geometry:
-    """Layer grid, units and their RF centres (theoretical RF when the graph can be traced)."""
+def geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: Tensor, traced: Any = None) -> Geometry:
+    """Layer grid, units and their RF centres (theoretical RF when the graph can be traced).
+    ``traced``: the model's :class:`~erf_lab.rf.RFGraph` for this input size, or the
+    :class:`ErfLabError` tracing it raised, when the caller traced it already (several layers)."""
     from ..rf import trace_rf
 
     c, h, w = x0.shape
@@ -46,7 +48,9 @@ def geometry(model, layer, output_index, layout, prefix_tokens, units_arg, x0: T
     rf, note, graph = None, "", None
     if layout in ("auto", "nchw"):
         try:
-            graph = trace_rf(model, (c, h, w))
+            if isinstance(traced, ErfLabError):
+                raise traced
+            graph = traced if traced is not None else trace_rf(model, (c, h, w))
             rf = graph.of(layer, output_index)
         except ErfLabError as exc:
             note = str(exc)

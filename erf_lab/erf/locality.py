@@ -127,6 +127,11 @@ class CropPlan:
         return cls(engine, window, locality=locality, cone_layers=tuple(cone_layers), seed=settings.seed,
                    channels_last=channels_last, backend=settings.backend)
 
+    def drop_cone(self, why: str) -> None:
+        """Runs whole images without cone pruning (``why`` goes to the ``cone`` note): nothing left to verify."""
+        if self.window is None:
+            self.engine.cone, self.cone_layers, self.verify, self.cone_note = None, [], False, why
+
     @property
     def pre_cropped(self) -> bool:
         """Whether batches are loaded cropped to ``window`` (once it is verified)."""

@@ -120,7 +120,7 @@ def test_skipped_images_are_counted_on_stdout(tmp_path, capsys, monkeypatch):
     assert (r.n_images, r.n_skipped) == (2, 1)
     import erf_lab.jobs as jobs
 
-    monkeypatch.setattr(jobs, "_open_dataset", lambda *a, **k: (list(images), None))
+    monkeypatch.setattr(jobs, "open_dataset", lambda *a, **k: (list(images), None))
     code, out, err = _run(_erf_argv(path, tmp_path / "o"), capsys)
     assert code == 0, err
     assert "note: 1 of 3 images gave a non-finite map" in out
