@@ -3,7 +3,8 @@ subcommand, prints. No logic of its own (docs/design.md section 1).
 
 Every user error (an :class:`erf_lab.errors.ErfLabError`, or a bad flag value, which argparse
 reports) becomes one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
-Any other exception is a bug: Python prints its traceback and the exit code is 1. Flag values are
+Any other exception is a bug: Python prints its traceback and the exit code is 1. ``compare`` exits
+with 3 when some of its models failed and the others' results were written. Flag values are
 parsed here (sizes, units, lists); the library takes typed arguments and owns the defaults.
 """
 import argparse
@@ -12,6 +13,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 EXIT_USAGE = 2
+EXIT_PARTIAL = 3  # compare: some models failed, the others' results were written
 
 Handlers = Dict[str, Callable[[argparse.Namespace], int]]
 
@@ -80,6 +82,20 @@ def _size(text: str) -> Tuple[int, int]:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected N or N,M (positive integers), got {text!r}")
     return (parts[0], parts[-1])
+
+
+def _sizes(text: str) -> List[Tuple[int, int]]:
+    """An argparse type: ``N[,N2...]`` square sizes, each also ``HxW`` -> [(H, W), ...]."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            hw = [int(v) for v in part.split("x")]
+        except ValueError:
+            hw = []
+        if len(hw) not in (1, 2) or min(hw) < 1:
+            raise argparse.ArgumentTypeError(f"expected N[,N2...] (each N or HxW, positive integers), got {text!r}")
+        sizes.append((hw[0], hw[-1]))
+    return sizes
 
 
 def _units(text: str) -> Union[str, Tuple[int, int], List[Tuple[int, int]]]:
@@ -248,6 +264,58 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare_command(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
+    """Registers compare (erf_lab.comparison does the work)."""
+    from erf_lab.erf.options import PRESETS
+
+    p = sub.add_parser(
+        "compare", help="ERFs of several models, layers and image sizes on the same images, with growth curves",
+        description="ERFs of every (model, layer, image size) on the same seeded images; writes compare.png, "
+                    "growth.png, compare.csv, compare.npz, compare.json and index.html into --out. Exit code 3 "
+                    "when some models failed (the others' results are written).")
+    p.add_argument("--model", action="append", required=True, metavar="SPEC",
+                   help="checkpoint, study:NAME, a quoted glob of epoch checkpoints ('run/epoch_*.pt', ordered by "
+                        "the epoch each records), or untrained:SPEC (SPEC's architecture, fresh seeded weights); repeat")
+    p.add_argument("--name", action="append", metavar="NAME", help="display name per --model (default: file stem)")
+    p.add_argument("--arch", metavar="NAME", help="architecture for plain state_dicts")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling: runs code stored in the file; only for files you trust")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--layer", action="append", metavar="NAME", help="a layer (the same name in every model); repeat")
+    which.add_argument("--layers", choices=["stages"], help="stages: each stage's output (no names needed)")
+    p.add_argument("--image-size", type=_sizes, metavar="N[,N2...]",
+                   help="one column per layer and size (each N or HxW; default: the first model's input size)")
+    p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: the first model's data)")
+    p.add_argument("--num-images", type=_positive_int, default=50)
+    p.add_argument("--preset", default="replknet", choices=list(PRESETS))
+    p.add_argument("--axis", default="auto", choices=["auto", "depth", "epoch"],
+                   help="growth curve x axis (auto: epoch for one glob of epoch checkpoints, else depth)")
+    p.add_argument("--batch-size", type=_or_auto(1), default="auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="draws the images (and untrained: weights)")
+    p.add_argument("--out", default="results/compare", metavar="DIR")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
+    p.add_argument("--no-progress", action="store_true")
+    handlers["compare"] = _cmd_compare
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from erf_lab.comparison import compare
+
+    result = compare(args.model, names=args.name, layers=args.layer or args.layers, image_size=args.image_size,
+                     data=args.data, num_images=args.num_images, preset=args.preset, seed=args.seed,
+                     device=args.device, batch_size=args.batch_size, arch=args.arch, trust=args.trust_checkpoint,
+                     axis=args.axis, skip_bad=args.skip_bad, progress=not args.no_progress, out=args.out)
+    if result.meta.get("data_note"):
+        print(f"note: {result.meta['data_note']}", file=sys.stderr)
+    print(result.summary())
+    for f in result.failures:
+        print(f"erf-lab compare: {f['model']} at {f['image_size'][0]}x{f['image_size'][1]} failed: {f['error']}",
+              file=sys.stderr)
+    print(f"wrote {args.out}")
+    return EXIT_PARTIAL if result.failures else 0
+
+
 # ---- section: train (erf_lab data and training) ---------------------------------------------
 def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers train: one call to :func:`erf_lab.train.train`."""
@@ -293,6 +361,9 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
                    help="keep DK kernel samples inside the scope (zoo models; default: unclipped)")
     p.add_argument("--max-train-images", type=int, help="train on a seeded subset (quick runs)")
     p.add_argument("--max-eval-images", type=int, help="validate and test on seeded subsets")
+    p.add_argument("--keep-every", type=_positive_int, metavar="K",
+                   help="also keep every K-th epoch (and the initial weights, and the last epoch) as epoch_E.pt "
+                        "beside CKPT: a trajectory for `erf-lab compare --model 'DIR/epoch_*.pt'`")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true")
 
@@ -309,7 +380,7 @@ def _add_train_command(sub: "argparse._SubParsersAction", handlers: Handlers) ->
             offset_lr_mult=args.offset_lr_mult, optimizer=args.optimizer, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
             augment=not args.no_augment, size_curriculum_epochs=args.size_curriculum_epochs, image_size=args.image_size, arch_kwargs=kwargs,
             max_train_images=args.max_train_images, max_eval_images=args.max_eval_images,
-            skip_bad=args.skip_bad, progress=not args.no_progress,
+            keep_every=args.keep_every, skip_bad=args.skip_bad, progress=not args.no_progress,
         )
         paths = companion_paths(args.out)
         print(f"{args.arch}/{args.op} on {args.data}: best epoch {m['best_epoch']} val acc {m['best_val_acc']:.4f}, "
@@ -446,12 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: Handlers = {}
 
-    p = sub.add_parser("ops", help="which operator implementation runs on which device")
+    sub.add_parser("ops", help="which operator implementation runs on which device")
     handlers["ops"] = _cmd_ops
-    p = sub.add_parser("models", help="list the model zoo's architectures and the shipped study models")
+    sub.add_parser("models", help="list the model zoo's architectures and the shipped study models")
     handlers["models"] = _cmd_models
 
     _add_erf_commands(sub, handlers)
+    _add_compare_command(sub, handlers)
     _add_train_command(sub, handlers)
     _add_tsne_commands(sub, handlers)
     _add_figures_command(sub, handlers)

@@ -78,6 +78,12 @@ def companion_paths(out_path: PathLike) -> Dict[str, Path]:
     return {"best": out, "last": Path(f"{stem}.last.pt"), "metrics": Path(f"{stem}.metrics.json")}
 
 
+def epoch_path(out_path: PathLike, epoch: int) -> Path:
+    """Where ``keep_every`` keeps epoch ``epoch``'s checkpoint: ``epoch_E.pt`` beside OUT (E unpadded:
+    ``erf-lab compare --model 'DIR/epoch_*.pt'`` orders the files by the epoch they record)."""
+    return Path(out_path).parent / f"epoch_{int(epoch)}.pt"
+
+
 def save_checkpoint(checkpoint: Dict[str, Any], path: PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), fsync=True)
@@ -298,6 +304,9 @@ class TrainConfig:
         image_size, channels: passed to ``open_data``.
         arch_kwargs: extra model arguments (e.g. ``{"width_mult": 0.5}``).
         max_train_images, max_eval_images: seeded subsets, for quick runs.
+        keep_every: also keep every K-th epoch's checkpoint (and the initial weights as epoch 0, and
+            the last epoch) as :func:`epoch_path` ``epoch_E.pt`` beside OUT, without optimizer
+            state: a training trajectory for ``erf-lab compare``. Does not change the weights.
         skip_bad: skip undecodable images.
         progress: one line per epoch (stdout); tqdm bars on a terminal, and when stderr is
             not one, a line for the final test instead (:func:`erf_lab.progress.progress`).
@@ -324,6 +333,7 @@ class TrainConfig:
     arch_kwargs: Optional[Dict[str, Any]] = None
     max_train_images: Optional[int] = None
     max_eval_images: Optional[int] = None
+    keep_every: Optional[int] = None
     skip_bad: bool = False
     progress: bool = True
 
@@ -342,6 +352,9 @@ class TrainConfig:
         m = self.offset_lr_mult
         if m != "auto" and (isinstance(m, (str, bool)) or not m >= 0):
             raise ErfLabError(f"offset_lr_mult must be a number >= 0 or 'auto', got {m!r}")
+        k = self.keep_every
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ErfLabError(f"keep_every must be an integer >= 1, got {k!r}")
         object.__setattr__(self, "optimizer", self.optimizer.lower())
         if self.optimizer not in ("adamw", "sgd"):
             raise ErfLabError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
@@ -534,6 +547,7 @@ class _Run:
             metrics["best_epoch"], metrics["best_val_acc"] = epoch + 1, val["acc"]
             save_checkpoint(self.checkpoint(epoch + 1, with_state=False), self.paths["best"])
         save_checkpoint(self.checkpoint(epoch + 1, with_state=True), self.paths["last"])
+        self.keep(epoch + 1, last=stopped or epoch + 1 == self.epochs)
         write_json(self.paths["metrics"], metrics, fsync=True)
         self.clock.reserve = time.perf_counter() - t_val
         metrics["train_seconds"] = self.clock.spent()
@@ -542,6 +556,13 @@ class _Run:
                        f"acc {correct / max(seen, 1):.4f} | val acc {val['acc']:.4f}"
                        f"{' (best)' if improved else ''} | {seconds:.1f}s")
         return stopped
+
+    def keep(self, done: int, last: bool = False) -> None:
+        """With ``keep_every``: the checkpoint after ``done`` epochs as ``epoch_<done>.pt`` when ``done``
+        is 0, a multiple of it, or the ``last`` epoch."""
+        k = self.cfg.keep_every
+        if k and (done % k == 0 or last):
+            save_checkpoint(self.checkpoint(done, with_state=False), epoch_path(self.paths["best"], done))
 
     def _steps(self, epoch: int, gen: torch.Generator, order: torch.Generator) -> Tuple[float, int, int, bool]:
         """The epoch's optimizer steps: (loss sum, correct, images seen, stopped by the budget)."""
@@ -629,13 +650,15 @@ def train(arch: str, op: str = "conv", data_spec: str = "digits-ms", epochs: Opt
         raise ErfLabError(f"epochs must be >= 1, got {epochs}")
     dev = resolve_device(cfg.device)  # a missing CUDA fails before any file is touched
     paths = companion_paths(out_path)
-    for p in paths.values():  # before any work: an unwritable output fails now, not after training
-        check_output_file(p)
+    for p in list(paths.values()) + ([epoch_path(out_path, 0)] if cfg.keep_every else []):
+        check_output_file(p)  # before any work: an unwritable output fails now, not after training
     state = _load_resume(paths) if cfg.resume else None
     if state is not None and (state["arch"], state["arch_kwargs"].get("op"), state["data_spec"]) != (arch, op, data_spec):
         raise ErfLabError(f"{paths['last']}: was trained as {state['arch']}/{state['arch_kwargs'].get('op')} on "
                           f"{state['data_spec']!r}, not {arch}/{op} on {data_spec!r}; use another output file")
     run = _Run(arch, op, data_spec, epochs, cfg, dev, paths, state)
+    if run.start_epoch == 0:
+        run.keep(0)  # the initial weights: the trajectory's first point
     for epoch in range(run.start_epoch, epochs):
         if run.clock.stop_before_epoch(len(run.metrics["history"])):
             run.metrics["stopped_by_time_budget"] = True

@@ -4,9 +4,10 @@ a checkpoint with fresh, seeded weights. Every model is loaded once, before any 
 import glob
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..checkpoint import LoadedModel, build_arch, load_model
 from ..errors import ErfLabError
@@ -64,9 +65,10 @@ def _expand(spec: str) -> List[str]:
     return files
 
 
-def resolve_models(specs: Sequence[str], names: Optional[Sequence[str]] = None, *, arch: Optional[str] = None,
+def resolve_models(specs: Sequence[Any], names: Optional[Sequence[str]] = None, *, arch: Optional[str] = None,
                    trust: bool = False, seed: int = 0) -> List[ModelEntry]:
-    """Loads every model of ``specs`` (files, globs, ``untrained:SPEC``, ``study:NAME``), in order;
+    """Loads every model of ``specs`` (files, globs, ``untrained:SPEC``, ``study:NAME``; also
+    ``nn.Module`` and :class:`~erf_lab.LoadedModel` objects, used as they are), in order;
     a glob's files come sorted by the epoch each records. ``names``: one display name per spec
     (a glob's files get ``NAME epoch E``); default the file stem, ``untrained`` added.
 
@@ -81,6 +83,15 @@ def resolve_models(specs: Sequence[str], names: Optional[Sequence[str]] = None, 
         raise ErfLabError(f"{len(names)} names (--name) for {len(specs)} models (--model): give one name per model")
     entries: List[ModelEntry] = []
     for k, spec in enumerate(specs):
+        if isinstance(spec, (nn.Module, LoadedModel)):
+            lm = spec if isinstance(spec, LoadedModel) else LoadedModel(spec.eval(), {}, "module", "")
+            name = names[k] if names is not None else (Path(lm.path).stem if lm.path else f"model {k + 1}")
+            entries.append(ModelEntry(name, lm.path or type(lm.model).__name__, lm, _epoch(lm)))
+            continue
+        if not isinstance(spec, (str, Path)):
+            raise ErfLabError(f"a model must be a file, a glob, untrained:SPEC or an nn.Module, got "
+                              f"{type(spec).__name__} (models, --model)")
+        spec = str(spec)
         untrained = spec.startswith(UNTRAINED)
         base = spec[len(UNTRAINED):] if untrained else spec
         files = _expand(base)

@@ -7,6 +7,7 @@ over all its layers under one progress bar; a job that fails is recorded and the
 """
 import contextlib
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,11 +24,14 @@ STAGES = "stages"
 Size = Tuple[int, int]
 
 
-def _sizes(image_size: Union[None, int, Sequence[Any]], entries: List[ModelEntry]) -> List[Size]:
-    """The image sizes: ``image_size`` (N, (H, W), or a list of them), else the first model's input size."""
+def _sizes(image_size: Union[None, int, Sequence[Any]], entries: List[ModelEntry], data: Any) -> List[Size]:
+    """The image sizes: ``image_size`` (N, (H, W), or a list of them), else an image tensor's size,
+    else the first model's input size."""
     from ..jobs import input_size_for
 
     if image_size is None:
+        if isinstance(data, torch.Tensor) and data.dim() in (3, 4):
+            return [(int(data.shape[-2]), int(data.shape[-1]))]
         return [tuple(input_size_for(entries[0].loaded)[1:])]
     items = [image_size] if isinstance(image_size, int) or (
         isinstance(image_size, tuple) and len(image_size) == 2 and all(isinstance(v, int) for v in image_size)) \
@@ -101,12 +105,15 @@ def _dtype(model: torch.nn.Module) -> torch.dtype:
     return model_dtype(model)
 
 
-def _open(data: Optional[str], entries: List[ModelEntry], sizes: List[Size], channels: int, num_images: Optional[int],
+def _open(data: Any, entries: List[ModelEntry], sizes: List[Size], channels: int, num_images: Optional[int],
           seed: int, skip_bad: bool) -> Tuple[Dict[Size, Any], Optional[str], str]:
     """The data set at each size (the same seeded images for every model), a note when the default
-    data could not be opened, and the spec used."""
+    data could not be opened, and the spec used. Images given as a tensor or a Dataset are used
+    as they are (resized to each size by the engine)."""
     from ..jobs import open_dataset
 
+    if data is not None and not isinstance(data, (str, Path)):
+        return {hw: data for hw in sizes}, None, type(data).__name__
     out, note, spec = {}, None, data
     for hw in sizes:
         ds, note = open_dataset(data, entries[0].loaded, hw, channels, num_images, seed, skip_bad)
@@ -116,8 +123,8 @@ def _open(data: Optional[str], entries: List[ModelEntry], sizes: List[Size], cha
 
 
 def compare(
-    models: Sequence[str], *, names: Optional[Sequence[str]] = None, layers: Union[None, str, Sequence[str]] = None,
-    image_size: Union[None, int, Sequence[Any]] = None, data: Optional[str] = None, num_images: Optional[int] = 50,
+    models: Sequence[Any], *, names: Optional[Sequence[str]] = None, layers: Union[None, str, Sequence[str]] = None,
+    image_size: Union[None, int, Sequence[Any]] = None, data: Any = None, num_images: Optional[int] = 50,
     preset: str = "replknet", seed: int = 0, device: Optional[str] = None, batch_size: Union[int, str] = "auto",
     arch: Optional[str] = None, trust: bool = False, axis: str = "auto", skip_bad: bool = False, progress: bool = True,
     out: Optional[str] = None, **options: Any,
@@ -134,8 +141,9 @@ def compare(
             :func:`erf_lab.layers.stage_layers`), or None (each model's default layer).
         image_size: N, (H, W) or a list of them (one column per layer and size); default the first
             model's input size.
-        data, num_images, seed: the images (a data spec; default the first model's data, else
-            digits-ms), how many, and the seed that draws them (the same images for every model).
+        data, num_images, seed: the images (a data spec, default the first model's data, else
+            digits-ms; or an image tensor / Dataset), how many, and the seed that draws them (the
+            same images for every model).
         preset, options: the ERF protocol (:data:`erf_lab.erf.PRESETS`, :data:`OPTION_NAMES` overrides).
         device, batch_size: where and how many images per backward pass (:func:`~erf_lab.erf.compute_erf`).
         arch, trust: for plain state_dicts and pickled checkpoints (:func:`erf_lab.load_model`).
@@ -159,7 +167,7 @@ def compare(
     dev = str(resolve_device(device))
     with output_folder(out) if out is not None else contextlib.nullcontext():
         entries = resolve_models(models, names, arch=arch, trust=trust, seed=seed)
-        sizes = _sizes(image_size, entries)
+        sizes = _sizes(image_size, entries, data)
         channels = _check_models(entries, sizes)
         labels, per_model = _layer_columns(entries, layers, sizes[0], channels)
         if axis == "epoch" and any(e.epoch is None for e in entries):

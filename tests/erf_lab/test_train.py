@@ -352,3 +352,12 @@ def test_time_budget_stops_the_run_and_anneals_the_rate(tmp_path):
     assert ck["train_args"]["time_budget_s"] == budget and ck["metrics"]["test_acc"] == m["test_acc"]
     with pytest.raises(ErfLabError, match="time budget"):
         train("study_net", "conv", DATA, 1, tmp_path / "u.pt", time_budget_s=0, **QUICK)
+
+
+def test_keep_every_must_be_a_positive_integer():
+    from erf_lab.train import TrainConfig, epoch_path
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ErfLabError, match="keep_every"):
+            TrainConfig(keep_every=bad)
+    assert epoch_path("runs/a/best.pt", 12).as_posix() == "runs/a/epoch_12.pt"
