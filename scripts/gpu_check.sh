@@ -14,9 +14,10 @@
 # median of 20 runs after 5 warm-ups; Triton and CUDA C++ rows against cuDNN's depthwise conv2d,
 # torchvision's deform_conv2d and the dense scope-kernel conv2d, with the GPU targets printed as
 # met / NOT met), its float16 and bfloat16 rows, and the ERF engine's GPU case
-# (benchmarks/bench_erf.py --cases b224).
+# (benchmarks/bench_erf.py --cases b224) and erf-lab compare's (benchmarks/bench_compare.py).
 # Everything lands in $OUT (summary.txt, triton_check.log, triton_check.json, build.log,
-# pytest.log, memcheck.log, bench.log, bench_cuda.json, bench_cuda.md, bench_erf_cuda.json).
+# pytest.log, memcheck.log, bench.log, bench_cuda.json, bench_cuda.md, bench_erf_cuda.json,
+# bench_compare_cuda.json).
 # Budget: about 10-12 min with a cold triton cache (the Triton stage JIT-compiles about 100 kernel
 # specializations); TRITON_ONLY=1 skips the CUDA C++ build, tests and memcheck (about 6-7 min).
 # Written and dry-run on a CPU only (its Triton section under the interpreter:
@@ -122,4 +123,9 @@ grep -E "^- |^\*\*|^## " "$OUT/bench_cuda.md" 2>/dev/null | tee -a "$SUMMARY"
 stage "bench_erf start"
 timeout 120 $PY benchmarks/bench_erf.py --device cuda --cases b224 --out "$OUT/bench_erf_cuda.json" >> "$OUT/bench.log" 2>&1
 stage "bench_erf rc=$?: $(grep -E '^\| 224' "$OUT/bench.log" | tail -1)"
+
+# 7. erf-lab compare over layer1..layer4 against four compute_erf calls (issue target: >= 1.5x).
+stage "bench_compare start"
+timeout 120 $PY benchmarks/bench_compare.py --device cuda --out "$OUT/bench_compare_cuda.json" >> "$OUT/bench.log" 2>&1
+stage "bench_compare rc=$?: $(grep -E '^\| ResNet-50-DW' "$OUT/bench.log" | tail -1)"
 stage "done"

@@ -137,13 +137,16 @@ class ComparisonResult:
     def summary(self) -> str:
         """A short text table: model, column, Luo size, sigma, radii of 50/90% mass (or the error)."""
         t = self.table()
-        lines = [f"{'model':<28} {'column':<22} {'luo_size':>9} {'sigma':>8} {'r50':>7} {'r90':>7}"]
+        wm = max([5] + [len(str(v)) for v in t["model"]])
+        wc = max([6] + [len(str(v)) for v in t["column"]])
+        lines = [f"{'model':<{wm}}  {'column':<{wc}} {'luo_size':>9} {'sigma':>8} {'r50':>7} {'r90':>7}"]
         for _, row in t.iterrows():
+            head = f"{str(row['model']):<{wm}}  {str(row['column']):<{wc}}"
             if row["error"]:
-                lines.append(f"{str(row['model'])[:28]:<28} {str(row['column'])[:22]:<22} failed: {row['error']}")
+                lines.append(f"{head} failed: {row['error']}")
                 continue
-            lines.append(f"{str(row['model'])[:28]:<28} {str(row['column'])[:22]:<22} {row['luo_size']:>9.2f} "
-                         f"{row['sigma']:>8.2f} {row['radius_mass@0.5']:>7.1f} {row['radius_mass@0.9']:>7.1f}")
+            lines.append(f"{head} {row['luo_size']:>9.2f} {row['sigma']:>8.2f} {row['radius_mass@0.5']:>7.1f} "
+                         f"{row['radius_mass@0.9']:>7.1f}")
         return "\n".join(lines)
 
     def result(self, model: Union[int, str], column: Union[int, str]) -> Optional[ERFResult]:
