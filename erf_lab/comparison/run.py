@@ -154,6 +154,9 @@ def compare(
 
     Returns:
         a :class:`ComparisonResult` (``failures`` lists the jobs that failed; the others ran).
+
+    Raises:
+        ErfLabError: a bad input (before any ERF is computed), or every job failed.
     """
     from ..device import resolve_device
     from ..jobs import output_folder
@@ -175,6 +178,10 @@ def compare(
         datasets, note, spec = _open(data, entries, sizes, channels, num_images, seed, skip_bad)
         result = _run(entries, labels, per_model, sizes, datasets, dict(
             preset=preset, num_images=num_images, seed=seed, batch_size=batch_size, device=dev, **options), progress)
+        if not result.cells:
+            first = result.failures[0]
+            raise ErfLabError(f"every job failed, nothing written; {first['model']} at {first['image_size'][0]}x"
+                              f"{first['image_size'][1]}: {first['error']}")
         trajectory = len(models) == 1 and len(entries) > 1 and all(e.epoch is not None for e in entries)
         result.meta.update({
             "preset": preset if isinstance(preset, str) else "custom", "options": dict(opts.__dict__), "data": spec,

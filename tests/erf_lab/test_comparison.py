@@ -165,6 +165,10 @@ def test_a_failing_model_is_recorded_and_the_others_run(tmp_path):
     t = r.table()
     assert t.error.tolist() == ["", r.failures[0]["error"]]
     assert (tmp_path / "out" / "compare.png").is_file()
+    with pytest.raises(ErfLabError, match="every job failed"):
+        erf_lab.compare([str(tmp_path / "nan.pt")], layers=["blocks"], num_images=2, progress=False,
+                        out=str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
 
 
 def test_saved_files_load_back_and_the_page_is_self_contained(tmp_path, stack_result):
