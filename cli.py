@@ -195,13 +195,7 @@ def _add_erf_commands(sub: "argparse._SubParsersAction", handlers: Handlers) -> 
 def _cmd_erf(args: argparse.Namespace) -> int:
     from erf_lab.jobs import run_erf
 
-    from erf_lab.erf.options import OPTION_NAMES
-
-    opts = {}
-    for name in OPTION_NAMES:
-        v = getattr(args, name)
-        if v is not None:
-            opts[name] = None if v == "none" else v
+    opts = _option_overrides(args)
     index = args.output_index
     if index is not None and index.lstrip("-").isdigit():
         index = int(index)
@@ -266,7 +260,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 def _add_compare_command(sub: "argparse._SubParsersAction", handlers: Handlers) -> None:
     """Registers compare (erf_lab.comparison does the work)."""
-    from erf_lab.erf.options import PRESETS
+    from erf_lab.erf.options import OPTION_CHOICES, PRESETS
 
     p = sub.add_parser(
         "compare", help="ERFs of several models, layers and image sizes on the same images, with growth curves",
@@ -288,6 +282,9 @@ def _add_compare_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
     p.add_argument("--data", help="noise, digits-ms, DIR, coco:ANN.json:IMGDIR (default: the first model's data)")
     p.add_argument("--num-images", type=_positive_int, default=50)
     p.add_argument("--preset", default="replknet", choices=list(PRESETS))
+    for name, values in OPTION_CHOICES.items():  # one flag per ERFOptions field, as in erf
+        p.add_argument("--" + name.replace("_", "-"), choices=["none" if v is None else v for v in values],
+                       help="override the preset's choice")
     p.add_argument("--axis", default="auto", choices=["auto", "depth", "epoch"],
                    help="growth curve x axis (auto: epoch for one glob of epoch checkpoints, else depth)")
     p.add_argument("--batch-size", type=_or_auto(1), default="auto")
@@ -299,13 +296,22 @@ def _add_compare_command(sub: "argparse._SubParsersAction", handlers: Handlers) 
     handlers["compare"] = _cmd_compare
 
 
+def _option_overrides(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    """The ERFOptions flags given on the command line (``none`` is None)."""
+    from erf_lab.erf.options import OPTION_NAMES
+
+    values = {name: getattr(args, name) for name in OPTION_NAMES}
+    return {name: None if v == "none" else v for name, v in values.items() if v is not None}
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from erf_lab.comparison import compare
 
     result = compare(args.model, names=args.name, layers=args.layer or args.layers, image_size=args.image_size,
                      data=args.data, num_images=args.num_images, preset=args.preset, seed=args.seed,
                      device=args.device, batch_size=args.batch_size, arch=args.arch, trust=args.trust_checkpoint,
-                     axis=args.axis, skip_bad=args.skip_bad, progress=not args.no_progress, out=args.out)
+                     axis=args.axis, skip_bad=args.skip_bad, progress=not args.no_progress, out=args.out,
+                     **_option_overrides(args))
     if result.meta.get("data_note"):
         print(f"note: {result.meta['data_note']}", file=sys.stderr)
     print(result.summary())

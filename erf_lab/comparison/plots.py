@@ -163,6 +163,10 @@ def growth_figure(result: "ComparisonResult") -> "Figure":
                 a.set_major_formatter(ScalarFormatter())
                 a.set_minor_formatter(NullFormatter())
             ax.set_xticks(sorted(ticks))
+        if epoch:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training epoch" if epoch else "depth (spatial layers)", fontsize=8)
         ax.grid(alpha=0.3)
