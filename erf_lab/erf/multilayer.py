@@ -5,7 +5,7 @@ whole image share one forward (to the last of them) with one backward each (docs
 section 3)."""
 import contextlib
 import time
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ SHARED = "off (the forward is shared with the other full-image layers)"
 
 def compute_layer_erfs(
     model: nn.Module, data: Any, layers: Sequence[str], *, unit: Union[str, Sequence[int]] = "center",
-    preset: Union[str, ERFOptions] = "replknet", num_images: int = None, sampling: str = "random", seed: int = 0,
+    preset: Union[str, ERFOptions] = "replknet", num_images: Optional[int] = None, sampling: str = "random", seed: int = 0,
     batch_size: Union[int, str] = "auto", device: Union[str, torch.device, None] = None,
     image_size: Union[int, Tuple[int, int], None] = None, center: str = "rf", crop: Union[bool, str] = "auto",
     cone: bool = True, channels_last: Union[bool, str] = "auto", fold_bn: bool = True, share_forward: bool = True,
@@ -47,7 +47,8 @@ def compute_layer_erfs(
     one process. ``share_forward``: the layers computed on whole images share one forward
     (their cones are not pruned); False runs every layer on its own forward. ``progress``: a
     bar, or a progress bar object to advance by one per image and layer (a caller's bar
-    over several calls).
+    over several calls). Each result's ``meta["seconds"]`` is the whole call's, and
+    ``meta["shared_forward"]`` lists the layers that shared its forward (empty when it ran alone).
     """
     names = list(layers)
     if not names or len(set(names)) != len(names):

@@ -64,6 +64,18 @@ def test_linear_stack_growth_slope_is_one_half(stack_result):
     assert abs(slope - 0.5) < 1e-9
 
 
+def test_options_override_the_preset_and_reach_every_map():
+    net = _linear_stack(3)
+    with torch.no_grad():
+        net[0].weight.neg_()  # a negative map: the signed luo map, its abs under grad_rectify="abs"
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    signed = erf_lab.compare([net], layers=["2"], data=x, preset="luo", progress=False)
+    rectified = erf_lab.compare([net], layers=["2"], data=x, preset="luo", grad_rectify="abs", progress=False)
+    assert rectified.meta["options"]["grad_rectify"] == "abs" and signed.meta["options"]["grad_rectify"] is None
+    np.testing.assert_allclose(rectified.cells[(0, 0)].map, np.abs(signed.cells[(0, 0)].map), atol=1e-12)
+    assert signed.cells[(0, 0)].map.min() < 0
+
+
 def test_stages_of_a_linear_stack_are_its_layers(stack_result):
     net, _ = stack_result
     x = torch.zeros(1, 1, SIDE, SIDE, dtype=torch.float64)
