@@ -219,8 +219,9 @@ def _run(entries: List[ModelEntry], labels: List[str], per_model: List[List[str]
                     x = torch.zeros(1, e.loaded.in_channels, *hw, dtype=_dtype(e.loaded.model),
                                     device=p.device if p is not None else "cpu")
                     depth = spatial_depth(e.loaded.model, x, per_model[i])
-                except (ErfLabError, RuntimeError, ValueError) as exc:
-                    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                except (ErfLabError, RuntimeError, ValueError, AssertionError) as exc:  # the model's own failure
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    msg = first if isinstance(exc, ErfLabError) else f"{type(exc).__name__}: {first}".rstrip(": ")
                     result.failures.append({"model": e.name, "image_size": list(hw), "error": msg})
                     done = (bar.n - before) if before is not None else 0
                     bar.update(n_img[hw] * len(labels) - done)
