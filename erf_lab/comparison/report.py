@@ -48,5 +48,5 @@ def render_html(result: "ComparisonResult", df: Any, pngs: Dict[str, bytes], tit
     for name, caption in (("compare.png", "Maps"), ("growth.png", "Growth")):
         if name in pngs:
             parts += [f"<h2>{caption}</h2>", img_tag(pngs[name], name)]
-    parts += ["<h2>Metadata</h2>", f"<pre>{html.escape(dumps(result._json()))}</pre>"]
+    parts += ["<h2>Metadata</h2>", f"<pre>{html.escape(dumps(result.to_json()))}</pre>"]
     return page(title, parts)

@@ -80,7 +80,9 @@ class ComparisonResult:
         return pd.DataFrame(rows)
 
     # ---- files ---------------------------------------------------------------------------
-    def _json(self) -> Dict[str, Any]:
+    def to_json(self) -> Dict[str, Any]:
+        """What ``compare.json`` holds: models, columns, depths, failures, each map's meta (and its
+        key in ``compare.npz``), the options."""
         cells = {f"{i},{j}": {"key": f"r{i}_c{j}", "n_images": r.n_images, "n_skipped": r.n_skipped, "meta": r.meta}
                  for (i, j), r in self.cells.items()}
         return {"format": "erf-lab-compare", "version": 1, "models": self.models, "columns": self.columns,
@@ -94,7 +96,7 @@ class ComparisonResult:
         table = self.table()
         write_npz(d / "compare.npz", **{f"r{i}_c{j}": r.map for (i, j), r in self.cells.items()})
         write_csv(d / "compare.csv", table)
-        write_json(d / "compare.json", self._json())
+        write_json(d / "compare.json", self.to_json())
         if plots:
             from .plots import growth_figure, grid_figure
             from .report import render_html

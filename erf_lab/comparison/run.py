@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import ErfLabError
+from ..erf.geometry import model_dtype
+from ..errors import ErfLabError, first_line
 from ..io import versions
 from .models import ModelEntry, resolve_models
 from .result import ComparisonResult
@@ -72,14 +73,13 @@ def _layer_columns(entries: List[ModelEntry], layers: Union[None, str, Sequence[
     if layers is None or layers == STAGES:
         per_model = []
         for e in entries:
-            x = torch.zeros(1, channels, *size, dtype=_dtype(e.loaded.model))
+            x = torch.zeros(1, channels, *size, dtype=model_dtype(e.loaded.model))
             try:
                 chosen = stage_layers(e.loaded.model, x) if layers == STAGES else [default_layer(e.loaded.model, x)]
             except ErfLabError as exc:
                 raise ErfLabError(f"{e.name}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - the model refused the input: one line
-                raise ErfLabError(f"{e.name} does not run on a {size[0]}x{size[1]} input "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                raise ErfLabError(f"{e.name} does not run on a {size[0]}x{size[1]} input ({first_line(exc)})") from None
             per_model.append([c.name or "" for c in chosen])
         counts = {e.name: len(p) for e, p in zip(entries, per_model)}
         if len(set(counts.values())) > 1:
@@ -97,12 +97,6 @@ def _layer_columns(entries: List[ModelEntry], layers: Union[None, str, Sequence[
             except ErfLabError as exc:
                 raise ErfLabError(f"{e.name}: {exc} (--layer)") from None
     return names, [list(names) for _ in entries]
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    from ..erf.geometry import model_dtype
-
-    return model_dtype(model)
 
 
 def _open(data: Any, entries: List[ModelEntry], sizes: List[Size], channels: int, num_images: Optional[int],
@@ -159,13 +153,12 @@ def compare(
         ErfLabError: a bad input (before any ERF is computed), or every job failed.
     """
     from ..device import resolve_device
+    from ..erf.options import resolve_options
     from ..jobs import output_folder
 
     t0 = time.perf_counter()
     if axis not in ("auto", "depth", "epoch"):
         raise ErfLabError(f"axis must be 'auto', 'depth' or 'epoch', got {axis!r}")
-    from ..erf.options import resolve_options
-
     opts = resolve_options(preset, **options)  # a bad preset or option fails before any model loads
     dev = str(resolve_device(device))
     with output_folder(out) if out is not None else contextlib.nullcontext():
@@ -216,12 +209,11 @@ def _run(entries: List[ModelEntry], labels: List[str], per_model: List[List[str]
                     rs = compute_layer_erfs(e.loaded.model, datasets[hw], per_model[i], image_size=hw, progress=bar,
                                             **kwargs)
                     p = next(iter(e.loaded.model.parameters()), None)  # the engine left the model on its device
-                    x = torch.zeros(1, e.loaded.in_channels, *hw, dtype=_dtype(e.loaded.model),
+                    x = torch.zeros(1, e.loaded.in_channels, *hw, dtype=model_dtype(e.loaded.model),
                                     device=p.device if p is not None else "cpu")
                     depth = spatial_depth(e.loaded.model, x, per_model[i])
                 except (ErfLabError, RuntimeError, ValueError, AssertionError) as exc:  # the model's own failure
-                    first = (str(exc).strip().splitlines() or [""])[0]
-                    msg = first if isinstance(exc, ErfLabError) else f"{type(exc).__name__}: {first}".rstrip(": ")
+                    msg = str(exc).strip().splitlines()[0] if isinstance(exc, ErfLabError) else first_line(exc)
                     result.failures.append({"model": e.name, "image_size": list(hw), "error": msg})
                     done = (bar.n - before) if before is not None else 0
                     bar.update(n_img[hw] * len(labels) - done)

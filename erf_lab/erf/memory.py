@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ErfLabError
+from ..errors import ErfLabError, first_line
 from ..layers import default_layer, get_layer, hook_all, probe_size, run_to_layer
 from .geometry import model_dtype
 
@@ -25,11 +25,6 @@ def auto_batch_size(device: Union[str, torch.device], hw: Tuple[int, int]) -> in
     if torch.device(device).type != "cpu":
         return 32
     return int(min(64, max(1, CPU_BATCH_PIXELS // max(1, hw[0] * hw[1]))))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _activation_bytes(model: nn.Module, x: Tensor, layer: Optional[str]) -> int:
@@ -68,7 +63,7 @@ def plan_layer(model: nn.Module, x_first: Tensor, layer: Optional[str], output_i
     except ErfLabError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model refused the input: one line, not its traceback
-        raise ErfLabError(f"the model does not run on a {ph}x{pw} input ({_first_line(exc)})") from exc
+        raise ErfLabError(f"the model does not run on a {ph}x{pw} input ({first_line(exc)})") from exc
     if act == 0:
         return layer, note, 0
     scale = (hw[0] * hw[1]) / float(ph * pw)
